@@ -7,9 +7,9 @@ Backends register through Python entry points, exactly as a third-party package 
 
 The entry point names a *light* object (an `AutoencoderBackend` or `PriorBackend`) whose
 module must not import torch: it carries the backend's pydantic config model and the
-dotted path of a factory that builds the network. Discovery lists names without importing
-anything; a backend is imported only when a recipe selects it, and a broken plugin makes
-only its own selection fail.
+dotted path of a factory that builds the network. Discovery lists names without
+importing anything; a backend is imported only when a recipe selects it, and a broken
+plugin makes only its own selection fail.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Autoencoder(Protocol):
 
 @runtime_checkable
 class Prior(Protocol):
-    """A non-autoregressive prior over token grids: logits for every position at once."""
+    """A non-autoregressive prior over token grids: logits for all positions at once."""
 
     codebook_size: int
     num_classes: int
@@ -191,7 +191,7 @@ def get_backend(group: str, name: str) -> AutoencoderBackend | PriorBackend:
         known = ", ".join(sorted(entries)) or "none installed"
         raise BackendError(
             f"{group}: unknown backend {name!r} (known: {known})",
-            hint="pick one of the known backends or install the plugin that provides it",
+            hint="pick a known backend, or install the plugin that provides it",
         )
     return load_entry(entries[name])
 

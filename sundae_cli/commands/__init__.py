@@ -1,0 +1,1 @@
+"""Thin Typer commands: parse flags, call one library function, report."""

@@ -1,0 +1,292 @@
+"""The parts of a training loop that both stages share.
+
+Optimiser and learning-rate schedule, EMA weights, RNG capture for exact resume, a
+resumable data stream, non-finite checks that name the loss term, Rich progress, and
+the comparison of a resumed run's recipe against the one it was started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sundae_cli.errors import CheckpointError, TrainingError
+
+if TYPE_CHECKING:
+    import torch
+
+    from sundae_cli.recipes import OptimSection
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ optimiser
+
+
+def build_optimizer(params: Any, section: OptimSection) -> torch.optim.Optimizer:
+    """AdamW with the section's rate, betas and weight decay."""
+    import torch
+
+    return torch.optim.AdamW(
+        params,
+        lr=section.learning_rate,
+        betas=tuple(section.betas),
+        weight_decay=section.weight_decay,
+    )
+
+
+def lr_factor(step: int, section: OptimSection) -> float:
+    """Multiplier of the base rate at `step`: warm-up, then constant or cosine."""
+    if section.warmup_steps and step < section.warmup_steps:
+        return (step + 1) / section.warmup_steps
+    if section.schedule == "cosine":
+        span = max(1, section.steps - section.warmup_steps)
+        progress = min(1.0, (step - section.warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, section: OptimSection
+) -> torch.optim.lr_scheduler.LambdaLR:
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, section)
+    )
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (used for sampling)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {
+            name: tensor.detach().clone().float()
+            for name, tensor in model.state_dict().items()
+        }
+
+    def update(self, model: torch.nn.Module) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                shadow = self.shadow[name]
+                if tensor.dtype.is_floating_point:
+                    shadow.lerp_(tensor.detach().float(), 1.0 - self.decay)
+                else:
+                    shadow.copy_(tensor)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, tensor in state.items():
+            self.shadow[name].copy_(tensor)
+
+
+# ------------------------------------------------------------------ RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state a training step touches, as tensors and plain values.
+
+    Plain lists and ints only, so `torch.load(weights_only=True)` reads it back.
+    """
+    import torch
+
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "internal": list(internal), "gauss": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------ data
+
+
+@dataclass
+class DataPosition:
+    """Where a resumable stream stands: epoch and items consumed in that epoch."""
+
+    epoch: int = 0
+    offset: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+@dataclass
+class ResumableStream:
+    """Endless batches over a dataset in an order fixed by (seed, epoch).
+
+    Each rank of a distributed run reads every `world_size`-th item of the epoch's
+    permutation, starting at its rank, so the shards are disjoint. The position counts
+    items per rank, so a resumed stream continues exactly where it stopped.
+    """
+
+    dataset: Any
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    pin_memory: bool = False
+    position: DataPosition = field(default_factory=DataPosition)
+
+    def _epoch_indices(self, epoch: int) -> list[int]:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        shard = order[self.rank :: self.world_size]
+        usable = len(shard) - len(shard) % self.batch_size
+        if usable == 0:
+            raise TrainingError(
+                f"{len(shard)} training items per process is fewer than the batch "
+                f"size {self.batch_size}",
+                hint="lower train.*.batch_size or add more data",
+            )
+        return shard[:usable]
+
+    def __iter__(self) -> Iterator[Any]:
+        from torch.utils.data import DataLoader
+
+        while True:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.position.epoch)
+            indices = self._epoch_indices(self.position.epoch)[self.position.offset :]
+            loader = DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                sampler=indices,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                drop_last=True,
+                persistent_workers=False,
+            )
+            for batch in loader:
+                self.position.offset += self.batch_size
+                yield batch
+            self.position = DataPosition(self.position.epoch + 1, 0)
+
+
+# ------------------------------------------------------------------ checks
+
+
+def check_finite(step: int, terms: dict[str, torch.Tensor | float]) -> str | None:
+    """Return the name of the first non-finite loss term, or None."""
+    for name, value in terms.items():
+        number = float(value.detach()) if hasattr(value, "detach") else float(value)
+        if not math.isfinite(number):
+            return name
+    return None
+
+
+def nonfinite_error(step: int, term: str, last_good: str | None) -> TrainingError:
+    where = f"; the last good checkpoint is {last_good}" if last_good else ""
+    return TrainingError(
+        f"loss term {term!r} became non-finite at step {step}; stopped without "
+        f"writing a checkpoint{where}",
+        hint="lower the learning rate (--set train.<stage>.learning_rate=...), or set "
+        'train.<stage>.nonfinite = "skip" to skip such steps',
+    )
+
+
+ARCHITECTURE_KEYS = ("autoencoder", "prior", "data.image_size", "resolution")
+
+
+def recipe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list:
+    """Flat (key, old, new) differences between two recipe dicts."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += recipe_diff(a, b, path + ".")
+        elif a != b:
+            changes.append((path, a, b))
+    return changes
+
+
+def check_resume_recipe(old: dict[str, Any], new: dict[str, Any], stage: str) -> None:
+    """Refuse architecture changes on resume; warn about other changes.
+
+    Only the sections that shape the network matter to this stage: `autoencoder` for
+    stage 1, `prior` for stage 2, plus the image size and resolution for both.
+    """
+    relevant = ("autoencoder" if stage == "vqgan" else "prior", "data.image_size")
+    changes = recipe_diff(old, new)
+    blocking = [c for c in changes if c[0].startswith(relevant) or c[0] == "resolution"]
+    text = "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in blocking)
+    if blocking:
+        raise CheckpointError(
+            f"the recipe changed the architecture since the run started ({text})",
+            hint="undo those changes to resume, or start a new run without --resume",
+        )
+    for key, a, b in changes:
+        log.warning("recipe changed since the run started: %s: %r -> %r", key, a, b)
+
+
+# ------------------------------------------------------------------ progress
+
+
+class Progress:
+    """A Rich progress bar on stderr with loss and rate, plus periodic log lines."""
+
+    def __init__(self, total: int, start: int, description: str, enabled: bool):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
+        )
+
+        from sundae_cli.console import err_console, is_quiet
+
+        self.enabled = enabled and not is_quiet()
+        self._bar = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=err_console(),
+            disable=not self.enabled,
+            transient=False,
+        )
+        self._task = self._bar.add_task(
+            description, total=total, completed=start, status=""
+        )
+        self._last = time.perf_counter()
+
+    def __enter__(self) -> Progress:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._bar.__exit__(*exc)
+
+    def update(self, step: int, status: str) -> None:
+        self._bar.update(self._task, completed=step, status=status)
