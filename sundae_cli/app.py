@@ -17,6 +17,7 @@ from sundae_cli.commands import (
     devices_cmd,
     recipes_cmd,
     runs_cmd,
+    train_cmd,
 )
 from sundae_cli.console import is_debug, report_error, setup_logging
 from sundae_cli.errors import EXIT_INTERRUPTED, SundaeError
@@ -79,6 +80,7 @@ def _global_options(
 app.add_typer(recipes_cmd.app, name="recipes")
 app.add_typer(backends_cmd.app, name="backends")
 app.add_typer(runs_cmd.app, name="runs")
+app.add_typer(train_cmd.app, name="train")
 app.command("devices")(devices_cmd.devices)
 
 

@@ -32,10 +32,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     OS errors are turned into a `SundaeError` naming the final path.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name}.", suffix=".tmp", dir=final.parent
-    )
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{final.name}.", suffix=".tmp", dir=final.parent
+        )
+    except OSError as exc:
+        raise _write_failed(final, exc) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:

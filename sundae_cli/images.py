@@ -2,9 +2,9 @@
 
 Policies (shared by `train vqgan`, `encode`, `generate --init` and `inpaint`):
 
-- Files are recognised by content, not by extension: anything Pillow opens as PNG, JPEG
-  (or MPO, the multi-picture JPEG phones write), WebP, BMP, GIF or TIFF. Hidden files and
-  folders (names starting with ".") are ignored.
+- Files are recognised by content, not by extension: anything Pillow opens as PNG,
+  JPEG (or MPO, the multi-picture JPEG phones write), WebP, BMP, GIF or TIFF. Hidden
+  files and folders (names starting with ".") are ignored.
 - `scan_folder` fully decodes every file once (JPEGs at reduced DCT scale, which still
   reads the whole stream) so truncated or corrupt files are found, and skipped with one
   warning each, before any model is built. Pillow's `LOAD_TRUNCATED_IMAGES` is forced
@@ -35,12 +35,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from sundae_cli.errors import DataError, SundaeError
+from sundae_cli.errors import DataError
+from sundae_cli.fsutil import atomic_path
 
 logger = logging.getLogger(__name__)
 
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
-"""Colour that transparent pixels are composited over (black, like the digits' ground)."""
+"""Colour transparent pixels are composited over (black, like the digits' ground)."""
 
 ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF")
 FORMATS_TEXT = "PNG, JPEG, WebP, BMP, GIF, TIFF"
@@ -76,6 +77,12 @@ def _strict_decoding() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+def _formats() -> tuple[str, ...]:
+    """Accepted formats whose Pillow plugins are available (loads them once)."""
+    Image.init()
+    return tuple(name for name in ACCEPTED_FORMATS if name in Image.OPEN)
+
+
 def _decode_errors() -> tuple[type[BaseException], ...]:
     """Exceptions Pillow raises for files it cannot identify or decode."""
     return (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -84,7 +91,7 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
 def _check_image(path: Path) -> tuple[str | None, str]:
     """Fully decode one file; return (original mode, "") or (None, reason)."""
     try:
-        with _strict_decoding(), Image.open(path, formats=ACCEPTED_FORMATS) as img:
+        with _strict_decoding(), Image.open(path, formats=_formats()) as img:
             mode = img.mode
             if img.format in ("JPEG", "MPO"):
                 img.draft(None, (1, 1))  # decode at 1/8 scale; the stream is still read
@@ -180,7 +187,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Load an image upright (EXIF orientation applied) as RGB over `BACKGROUND`."""
     try:
-        with _strict_decoding(), Image.open(path, formats=ACCEPTED_FORMATS) as img:
+        with _strict_decoding(), Image.open(path, formats=_formats()) as img:
             img.load()
             upright = ImageOps.exif_transpose(img)
             return to_rgb(upright)
@@ -261,22 +268,11 @@ def save_png_atomic(img: Image.Image, path: str | os.PathLike, **save_args) -> P
     raises `SundaeError` naming the path and the OS error. Extra keyword arguments go
     to `Image.save` (for example `pnginfo`).
     """
-    final = Path(path)
-    temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as handle:
-            img.save(handle, format="PNG", **save_args)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise SundaeError(
-            f"could not write {final}: {err.strerror or err}",
-            "check free disk space and write permission for the output folder",
-        ) from err
-    return final
+    with atomic_path(path) as temp, open(temp, "wb") as handle:
+        img.save(handle, format="PNG", **save_args)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Path(path)
 
 
 class ImageFolderDataset:

@@ -209,7 +209,7 @@ def feather_alpha(mask: np.ndarray, feather_px: int) -> np.ndarray:
 def paste_known(
     original: Image.Image, generated: Image.Image, mask_alpha: np.ndarray
 ) -> Image.Image:
-    """Blend: `mask_alpha` float (H, W) of generated over original (both RGB, same size).
+    """Blend `generated` over `original` (RGB, same size) by `mask_alpha` float (H, W).
 
     Where the weight is 0 the original pixels come back unchanged.
     """

@@ -255,7 +255,7 @@ def _error_lines(
     for err in exc.errors():
         loc = [str(part) for part in prefix + tuple(err["loc"])]
         path = ".".join(loc) or "(top level)"
-        message = err["msg"]
+        message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             siblings = _field_names(model, [str(p) for p in err["loc"][:-1]])
             message = "unknown key" + _close_match(loc[-1], siblings)

@@ -1,0 +1,564 @@
+"""The HDF5 latent dataset: token grids of every image, as is and flipped.
+
+Schema (version 1), one file per dataset:
+
+- `tokens` (num_items, h, w): the smallest unsigned dtype that holds codebook_size - 1,
+  chunked per item (1, h, w), resizable along the first axis.
+- `source_index` int64 (num_items,): position of the item's image in `source_paths`;
+  `flipped` uint8 (num_items,): 1 for the horizontally flipped copy; optional `labels`
+  int64 (num_items,).
+- `source_paths` UTF-8 strings (num_sources,); `code_usage` int64 (k,): count per code.
+- Attributes: `schema_version`, `autoencoder_backend`, `autoencoder_sha256`,
+  `autoencoder_run`, `codebook_size`, `grid_h`, `grid_w`, `image_h`, `image_w`,
+  `num_items`, `num_sources`, `class_names` (JSON list, optional), `skipped_files` (JSON
+  list of [path, reason]), `complete`, `created` (ISO 8601, UTC).
+
+Writing goes to `<stem>.partial.h5` beside the final path and is renamed into place by
+`LatentWriter.finish`, so a file at the final path is always complete. Each `append`
+writes the datasets first and bumps `num_items`/`num_sources` last, then flushes; on
+resume the datasets are cut back to those counts and `code_usage` is recounted, so a
+crash between writes leaves a consistent, resumable partial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from sundae_cli.errors import DataError, SundaeError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+READ_BLOCK = 4096  # items per read when scanning tokens: bounded memory
+ITEM_DATASETS = ("tokens", "source_index", "flipped", "labels")
+REQUIRED_ATTRS = ("schema_version", "codebook_size", "grid_h", "grid_w", "num_items")
+REENCODE = "re-run `sundae encode` to write it again"
+
+
+def smallest_uint_dtype(codebook_size: int) -> np.dtype:
+    """Smallest unsigned integer dtype holding token ids 0 .. codebook_size - 1."""
+    if codebook_size < 1:
+        raise ValueError(f"codebook_size must be positive, got {codebook_size}")
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if codebook_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"codebook_size {codebook_size} does not fit in uint32")
+
+
+def partial_path_for(final_path: str | os.PathLike) -> Path:
+    """Temporary name an unfinished latent file is written under."""
+    final = Path(final_path)
+    return final.with_name(f"{final.stem}.partial{final.suffix or '.h5'}")
+
+
+def _plain(value):
+    """HDF5 attribute value as a plain Python value."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _attrs_dict(file: h5py.File) -> dict:
+    """All file attributes as plain Python values."""
+    return {key: _plain(value) for key, value in file.attrs.items()}
+
+
+def _count_codes(tokens: h5py.Dataset, count: int, codebook_size: int) -> np.ndarray:
+    """Per-code counts int64 (k,) over the first `count` items, read in blocks."""
+    usage = np.zeros(codebook_size, dtype=np.int64)
+    for start in range(0, count, READ_BLOCK):
+        block = tokens[start : min(start + READ_BLOCK, count)]
+        usage += np.bincount(block.ravel(), minlength=codebook_size)[:codebook_size]
+    return usage
+
+
+def _create_datasets(file: h5py.File, grid, dtype, with_labels: bool) -> None:
+    """Empty, resizable datasets of the schema; tokens chunked per item."""
+    specs = {
+        "tokens": (tuple(grid), dtype),
+        "source_index": ((), np.int64),
+        "flipped": ((), np.uint8),
+        "source_paths": ((), h5py.string_dtype("utf-8")),
+    }
+    if with_labels:
+        specs["labels"] = ((), np.int64)
+    for name, (tail, column_dtype) in specs.items():
+        chunks = (1, *tail) if tail else (READ_BLOCK,)
+        file.create_dataset(
+            name, (0, *tail), maxshape=(None, *tail), chunks=chunks, dtype=column_dtype
+        )
+
+
+class LatentWriter:
+    """Stream token grids into a (resumable) partial file; `finish` renames it.
+
+    Use as a context manager: a clean exit calls `finish`, an exception leaves the
+    partial for the next run to resume. Skip the sources in `done_paths()`.
+    A matching partial (same autoencoder sha256 and geometry) is resumed even with
+    `overwrite`; one from another autoencoder or geometry is refused unless `overwrite`,
+    which discards it. An existing final file is replaced only at `finish`.
+    """
+
+    def __init__(
+        self,
+        final_path: str | os.PathLike,
+        *,
+        codebook_size: int,
+        grid: tuple[int, int],
+        image_size: tuple[int, int],
+        autoencoder_backend: str,
+        autoencoder_sha256: str,
+        autoencoder_run: str = "",
+        with_labels: bool = False,
+        class_names: Sequence[str] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.final_path = Path(final_path)
+        self.partial_path = partial_path_for(self.final_path)
+        self.codebook_size = int(codebook_size)
+        self.dtype = smallest_uint_dtype(self.codebook_size)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.with_labels = with_labels
+        self.autoencoder_sha256 = autoencoder_sha256
+        self._identity = {
+            "schema_version": SCHEMA_VERSION,
+            "autoencoder_backend": autoencoder_backend,
+            "codebook_size": self.codebook_size,
+            "grid_h": self.grid[0],
+            "grid_w": self.grid[1],
+            "image_h": int(image_size[0]),
+            "image_w": int(image_size[1]),
+        }
+        self._extra = {"autoencoder_run": str(autoencoder_run)}
+        if class_names is not None:
+            self._extra["class_names"] = json.dumps(list(class_names))
+        self._refuse_final(overwrite)
+        self._file = self._resume(overwrite) or self._create()
+        self._skipped = json.loads(self._file.attrs["skipped_files"])
+        self._usage = _count_codes(
+            self._file["tokens"], self.items_done, self.codebook_size
+        )
+        self._finished = False
+
+    def _refuse_final(self, overwrite: bool) -> None:
+        """Never replace an existing final file without `overwrite`."""
+        if overwrite or not self.final_path.exists():
+            return
+        try:
+            with h5py.File(self.final_path, "r") as file:
+                complete = bool(file.attrs.get("complete", False))
+        except OSError:
+            complete = False
+        state = "is complete" if complete else "is not a complete latent file"
+        raise DataError(
+            f"{self.final_path} already exists and {state}",
+            "pass --overwrite to replace it, or choose another --out",
+        )
+
+    def _mismatch(self, file: h5py.File) -> str | None:
+        """Why a partial cannot be resumed by this writer, or None."""
+        old_sha = str(_plain(file.attrs.get("autoencoder_sha256", "")))
+        if old_sha != self.autoencoder_sha256:
+            return (
+                f"was started with autoencoder {old_sha[:12]}, you passed "
+                f"{self.autoencoder_sha256[:12]}"
+            )
+        for key, value in self._identity.items():
+            old = _plain(file.attrs.get(key))
+            if old != value:
+                return f"was started with {key}={old}, you asked for {value}"
+        if ("labels" in file) != self.with_labels:
+            return f"was started with labels={'labels' in file}"
+        return None
+
+    def _resume(self, overwrite: bool) -> h5py.File | None:
+        """Reopen a matching partial, cut back to its last consistent count."""
+        if not self.partial_path.exists():
+            return None
+        try:
+            file = h5py.File(self.partial_path, "r+")
+        except OSError as err:
+            logger.warning("discarding unreadable %s (%s)", self.partial_path, err)
+            self.partial_path.unlink()
+            return None
+        problem = self._mismatch(file)
+        if problem is not None:
+            file.close()
+            if not overwrite:
+                raise DataError(
+                    f"{self.partial_path} {problem}",
+                    f"delete {self.partial_path} or pass --overwrite to start again",
+                )
+            logger.warning("discarding %s: it %s", self.partial_path, problem)
+            self.partial_path.unlink()
+            return None
+        counts = {name: int(file.attrs["num_items"]) for name in ITEM_DATASETS}
+        counts["source_paths"] = sources = int(file.attrs["num_sources"])
+        for name, count in counts.items():
+            if name in file:
+                file[name].resize(count, axis=0)
+        file.attrs["complete"] = False
+        logger.info("resuming %s: %d sources done", self.partial_path, sources)
+        return file
+
+    def _create(self) -> h5py.File:
+        """A fresh, empty partial file with the schema's datasets and attributes."""
+        try:
+            self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+            file = h5py.File(self.partial_path, "w")
+        except OSError as err:
+            raise SundaeError(
+                f"could not create {self.partial_path}: {err}",
+                "check that the --out folder is writable",
+            ) from err
+        _create_datasets(file, self.grid, self.dtype, self.with_labels)
+        file.attrs.update({**self._identity, **self._extra})
+        file.attrs.update(
+            autoencoder_sha256=self.autoencoder_sha256,
+            num_items=0,
+            num_sources=0,
+            skipped_files="[]",
+            complete=False,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        file.flush()
+        return file
+
+    @property
+    def items_done(self) -> int:
+        """Items (grids) written so far."""
+        return int(self._file.attrs["num_items"])
+
+    @property
+    def sources_done(self) -> int:
+        """Source images fully written so far."""
+        return int(self._file.attrs["num_sources"])
+
+    def done_paths(self) -> set[str]:
+        """Source paths already encoded or recorded as skipped: skip these on resume."""
+        written = self._file["source_paths"].asstr()[: self.sources_done]
+        return set(written.tolist()) | {path for path, _ in self._skipped}
+
+    def _check_batch(self, tokens, source_index, flipped, labels, new_sources) -> None:
+        """Programmer errors in a batch: shapes, token range, source ownership."""
+        count = tokens.shape[0]
+        if tokens.shape[1:] != self.grid:
+            raise ValueError(f"tokens {tokens.shape} do not match grid {self.grid}")
+        if source_index.shape != (count,) or flipped.shape != (count,):
+            raise ValueError("source_index and flipped need one entry per item")
+        if self.with_labels != (labels is not None):
+            raise ValueError(
+                f"labels {'required' if self.with_labels else 'unexpected'}"
+            )
+        if count and (tokens.min() < 0 or tokens.max() >= self.codebook_size):
+            raise ValueError(f"token ids outside [0, {self.codebook_size})")
+        first = self.sources_done
+        if count and (source_index.min() < first or source_index.max() >= new_sources):
+            raise ValueError(f"source_index must be in [{first}, {new_sources})")
+
+    def append(
+        self,
+        tokens: np.ndarray,
+        source_index: np.ndarray,
+        flipped: np.ndarray,
+        labels: np.ndarray | None = None,
+        *,
+        source_paths: Sequence[str],
+    ) -> None:
+        """Write a batch of items together with the source images they came from.
+
+        Args:
+            tokens: int (b, h, w) token ids in [0, codebook_size).
+            source_index: int (b,), each in [sources_done, sources_done + len(paths)).
+            flipped: bool (b,), True for the flipped copy.
+            labels: int (b,) when the writer was made `with_labels`, else None.
+            source_paths: the new source images these items cover, in index order; all
+                items of a source (as is and flipped) must come in the same call.
+        """
+        tokens = np.asarray(tokens)
+        source_index = np.asarray(source_index, dtype=np.int64)
+        flipped = np.asarray(flipped, dtype=np.uint8)
+        new_sources = self.sources_done + len(source_paths)
+        self._check_batch(tokens, source_index, flipped, labels, new_sources)
+        start, count = self.items_done, tokens.shape[0]
+        columns = {"tokens": tokens.astype(self.dtype), "source_index": source_index}
+        columns["flipped"] = flipped
+        if labels is not None:
+            columns["labels"] = np.asarray(labels, dtype=np.int64)
+        for name, values in columns.items():
+            self._file[name].resize(start + count, axis=0)
+            self._file[name][start:] = values
+        self._file["source_paths"].resize((new_sources,))
+        self._file["source_paths"][self.sources_done :] = list(source_paths)
+        self._usage += np.bincount(tokens.ravel(), minlength=self.codebook_size)
+
+        # The counts are the commit point: bumped only after the data is written.
+        self._file.attrs["num_items"] = start + count
+        self._file.attrs["num_sources"] = new_sources
+        self._file.flush()
+
+    def record_skipped(self, path: str | os.PathLike, reason: str) -> None:
+        """Remember a source that could not be encoded (stored in `skipped_files`)."""
+        if str(path) not in {known for known, _ in self._skipped}:
+            self._skipped.append([str(path), reason])
+            self._file.attrs["skipped_files"] = json.dumps(self._skipped)
+
+    def finish(self) -> Path:
+        """Store code usage, mark complete and rename the partial to the final path."""
+        if "code_usage" in self._file:
+            del self._file["code_usage"]
+        self._file.create_dataset("code_usage", data=self._usage.astype(np.int64))
+        self._file.attrs["complete"] = True
+        self._file.close()
+        with open(self.partial_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.partial_path, self.final_path)
+        self._finished = True
+        logger.info("wrote %s", self.final_path)
+        return self.final_path
+
+    def close(self) -> None:
+        """Close without finishing: the partial stays for a later resume."""
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> LatentWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None and not self._finished:
+            self.finish()
+        else:
+            self.close()
+
+
+def _open_readonly(path: str | os.PathLike) -> h5py.File:
+    """Open an HDF5 file read-only; errors say how to make a good one."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(
+            f"latent file {path} does not exist",
+            f"run `sundae encode DIR --out {path}` to create it",
+        )
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(
+            f"{path} is not a readable HDF5 file (truncated?)", REENCODE
+        ) from err
+
+
+def _require(condition: bool, path: Path, problem: str, hint: str = REENCODE) -> None:
+    """Raise `DataError` naming the file when a check fails."""
+    if not condition:
+        raise DataError(f"{path} {problem}", hint)
+
+
+def _validate_layout(file: h5py.File, path: Path) -> dict:
+    """Schema, completion and dataset shapes; returns the plain attributes."""
+    attrs = _attrs_dict(file)
+    for key in REQUIRED_ATTRS:
+        _require(key in attrs, path, f"is not a sundae latent file ({key} missing)")
+    version = attrs["schema_version"]
+    _require(
+        version == SCHEMA_VERSION,
+        path,
+        f"has schema_version {version}; this sundae reads version {SCHEMA_VERSION}",
+    )
+    _require(
+        bool(attrs.get("complete", False)),
+        path,
+        "is incomplete",
+        "re-run `sundae encode` to finish it",
+    )
+    count, grid = attrs["num_items"], (attrs["grid_h"], attrs["grid_w"])
+    for name in ITEM_DATASETS:
+        if name in file or name != "labels":
+            shape = file[name].shape if name in file else None
+            expected = (count, *grid) if name == "tokens" else (count,)
+            _require(
+                shape == expected, path, f"has {name} {shape}, expected {expected}"
+            )
+    return attrs
+
+
+def _check_expected(path: Path, key: str, actual, expected) -> None:
+    """Refuse a file whose attribute differs from what the caller needs."""
+    if expected is not None and actual != expected:
+        raise DataError(
+            f"{path} has {key} {actual}, expected {expected}",
+            "encode the images with the autoencoder the recipe uses (`sundae encode`), "
+            "or point the recipe at a matching latent file",
+        )
+
+
+def _check_token_range(file: h5py.File, path: Path, codebook_size: int) -> None:
+    """Every token id below codebook_size, read in bounded blocks."""
+    tokens = file["tokens"]
+    for start in range(0, tokens.shape[0], READ_BLOCK):
+        top = int(tokens[start : start + READ_BLOCK].max())
+        _require(
+            top < codebook_size,
+            path,
+            f"has token id {top} but codebook_size is {codebook_size}",
+        )
+
+
+class LatentFile:
+    """A validated, read-only latent file; small per-item arrays are in memory."""
+
+    def __init__(self, path: Path, file: h5py.File, attrs: dict) -> None:
+        self.path = path
+        self.attrs = attrs
+        self._file = file
+        self.codebook_size = int(attrs["codebook_size"])
+        self.grid = (int(attrs["grid_h"]), int(attrs["grid_w"]))
+        self.image_size = (int(attrs.get("image_h", 0)), int(attrs.get("image_w", 0)))
+        self.source_index = file["source_index"][:]
+        self.flipped = file["flipped"][:].astype(bool)
+        self.labels = file["labels"][:] if "labels" in file else None
+        self.class_names = json.loads(attrs.get("class_names", "null"))
+        self.skipped_files = json.loads(attrs.get("skipped_files", "[]"))
+
+    def __len__(self) -> int:
+        return int(self.attrs["num_items"])
+
+    def source_paths(self) -> list[str]:
+        """Source image paths, indexed by `source_index`."""
+        return self._file["source_paths"].asstr()[:].tolist()
+
+    def tokens(self, indices) -> np.ndarray:
+        """Token grids (len(indices), h, w) in the stored dtype, in the given order."""
+        if isinstance(indices, int | slice):
+            return self._file["tokens"][indices]
+        wanted = np.asarray(indices, dtype=np.int64)
+        unique, inverse = np.unique(wanted, return_inverse=True)
+        if unique.size == 0:
+            return np.empty((0, *self.grid), dtype=self._file["tokens"].dtype)
+        return self._file["tokens"][unique][inverse.reshape(-1)]
+
+    def dataset(self, indices: Sequence[int] | None = None) -> LatentTokenDataset:
+        """A picklable dataset over `indices` (all items by default)."""
+        return LatentTokenDataset(self.path, indices)
+
+    def close(self) -> None:
+        """Close the file handle."""
+        self._file.close()
+
+    def __enter__(self) -> LatentFile:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def open_latents(
+    path: str | os.PathLike,
+    *,
+    expect_codebook_size: int | None = None,
+    expect_grid: tuple[int, int] | None = None,
+    expect_autoencoder_sha256: str | None = None,
+) -> LatentFile:
+    """Open and validate a latent file; any problem raises `DataError` with the fix."""
+    path = Path(path)
+    file = _open_readonly(path)
+    try:
+        attrs = _validate_layout(file, path)
+        _check_expected(
+            path, "codebook_size", attrs["codebook_size"], expect_codebook_size
+        )
+        grid = (attrs["grid_h"], attrs["grid_w"])
+        _check_expected(path, "grid (h, w)", grid, expect_grid and tuple(expect_grid))
+        sha = attrs.get("autoencoder_sha256")
+        _check_expected(path, "autoencoder_sha256", sha, expect_autoencoder_sha256)
+        _check_token_range(file, path, int(attrs["codebook_size"]))
+        return LatentFile(path, file, attrs)
+    except OSError as err:
+        file.close()
+        raise DataError(f"{path} cannot be read ({err}); truncated?", REENCODE) from err
+    except BaseException:
+        file.close()
+        raise
+
+
+class LatentTokenDataset:
+    """Map-style dataset of (tokens int64 (h, w), label int64 scalar or -1).
+
+    Picklable: each process (DataLoader worker) opens its own read-only handle on first
+    use, and a handle is never carried across fork or pickling.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, indices: Sequence[int] | None = None
+    ) -> None:
+        self.path = str(path)
+        if indices is None:
+            with h5py.File(self.path, "r") as file:
+                indices = range(int(file.attrs["num_items"]))
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self._file: h5py.File | None = None
+        self._labels: np.ndarray | None = None
+        self._pid: int | None = None
+
+    def _handle(self) -> h5py.File:
+        """This process's own handle, opened lazily."""
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._labels = self._file["labels"][:] if "labels" in self._file else None
+            self._pid = os.getpid()
+        return self._file
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_file=None, _labels=None, _pid=None)
+        return state
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        import torch
+
+        index = int(self.indices[position])
+        grid = self._handle()["tokens"][index].astype(np.int64)  # (h, w)
+        label = -1 if self._labels is None else int(self._labels[index])
+        return torch.from_numpy(grid), torch.tensor(label, dtype=torch.int64)
+
+
+def code_usage_stats(usage: np.ndarray, top: int = 10) -> dict:
+    """Usage fraction, perplexity, dead codes and the most used codes of counts (k,)."""
+    total = int(usage.sum())
+    probs = usage[usage > 0] / max(total, 1)
+    order = np.argsort(-usage, kind="stable")[:top]
+    return {
+        "usage_fraction": float((usage > 0).mean()) if usage.size else 0.0,
+        "perplexity": float(np.exp(-(probs * np.log(probs)).sum())) if total else 0.0,
+        "dead_codes": int((usage == 0).sum()),
+        "top_codes": [[int(code), int(usage[code])] for code in order if usage[code]],
+    }
+
+
+def describe_latents(path: str | os.PathLike) -> dict:
+    """Attributes, counts and codebook usage of a latent file (complete or not)."""
+    path = Path(path)
+    with _open_readonly(path) as file:
+        info = {"path": str(path), **_attrs_dict(file)}
+        for key, default in (("class_names", "null"), ("skipped_files", "[]")):
+            info[key] = json.loads(info.get(key, default))
+        info["num_skipped"] = len(info["skipped_files"])
+        if "code_usage" in file:
+            usage = file["code_usage"][:]
+        else:
+            usage = _count_codes(
+                file["tokens"], int(info["num_items"]), int(info["codebook_size"])
+            )
+        info.update(code_usage_stats(usage))
+    return info
