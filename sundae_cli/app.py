@@ -14,7 +14,10 @@ from typer.core import TyperGroup
 from sundae_cli import __version__
 from sundae_cli.commands import (
     backends_cmd,
+    data_cmd,
     devices_cmd,
+    encode_cmd,
+    latents_cmd,
     recipes_cmd,
     runs_cmd,
     train_cmd,
@@ -81,6 +84,9 @@ app.add_typer(recipes_cmd.app, name="recipes")
 app.add_typer(backends_cmd.app, name="backends")
 app.add_typer(runs_cmd.app, name="runs")
 app.add_typer(train_cmd.app, name="train")
+app.add_typer(data_cmd.app, name="data")
+app.add_typer(latents_cmd.app, name="latents")
+app.command("encode")(encode_cmd.encode)
 app.command("devices")(devices_cmd.devices)
 
 

@@ -67,7 +67,7 @@ class FolderScan:
 
 
 @contextlib.contextmanager
-def _strict_decoding() -> Iterator[None]:
+def strict_decoding() -> Iterator[None]:
     """Keep Pillow from padding truncated files with grey while decoding."""
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -91,13 +91,15 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
 def _check_image(path: Path) -> tuple[str | None, str]:
     """Fully decode one file; return (original mode, "") or (None, reason)."""
     try:
-        with _strict_decoding(), Image.open(path, formats=_formats()) as img:
+        with strict_decoding(), Image.open(path, formats=_formats()) as img:
             mode = img.mode
             if img.format in ("JPEG", "MPO"):
                 img.draft(None, (1, 1))  # decode at 1/8 scale; the stream is still read
             img.load()
     except Image.UnidentifiedImageError:
         return None, f"not a decodable image (looked for {FORMATS_TEXT})"
+    except PermissionError as err:
+        return None, f"cannot be read ({err.strerror})"
     except _decode_errors() as err:
         return None, f"truncated or corrupt image ({err})"
     return mode, ""
@@ -187,7 +189,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Load an image upright (EXIF orientation applied) as RGB over `BACKGROUND`."""
     try:
-        with _strict_decoding(), Image.open(path, formats=_formats()) as img:
+        with strict_decoding(), Image.open(path, formats=_formats()) as img:
             img.load()
             upright = ImageOps.exif_transpose(img)
             return to_rgb(upright)

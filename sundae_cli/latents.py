@@ -242,6 +242,11 @@ class LatentWriter:
         """Source images fully written so far."""
         return int(self._file.attrs["num_sources"])
 
+    @property
+    def skipped_files(self) -> list[list[str]]:
+        """[path, reason] of every source recorded as skipped."""
+        return list(self._skipped)
+
     def done_paths(self) -> set[str]:
         """Source paths already encoded or recorded as skipped: skip these on resume."""
         written = self._file["source_paths"].asstr()[: self.sources_done]
@@ -313,6 +318,8 @@ class LatentWriter:
 
     def finish(self) -> Path:
         """Store code usage, mark complete and rename the partial to the final path."""
+        if self._finished:
+            return self.final_path
         if "code_usage" in self._file:
             del self._file["code_usage"]
         self._file.create_dataset("code_usage", data=self._usage.astype(np.int64))
@@ -405,11 +412,11 @@ def _check_token_range(file: h5py.File, path: Path, codebook_size: int) -> None:
     tokens = file["tokens"]
     for start in range(0, tokens.shape[0], READ_BLOCK):
         top = int(tokens[start : start + READ_BLOCK].max())
-        _require(
-            top < codebook_size,
-            path,
-            f"has token id {top} but codebook_size is {codebook_size}",
-        )
+        if top >= codebook_size:
+            raise DataError(
+                f"{path}: token id {top} found but codebook_size is {codebook_size}",
+                "the file is damaged or was written for another codebook; " + REENCODE,
+            )
 
 
 class LatentFile:
@@ -551,6 +558,8 @@ def describe_latents(path: str | os.PathLike) -> dict:
     path = Path(path)
     with _open_readonly(path) as file:
         info = {"path": str(path), **_attrs_dict(file)}
+        for key in REQUIRED_ATTRS:
+            _require(key in info, path, f"is not a sundae latent file ({key} missing)")
         for key, default in (("class_names", "null"), ("skipped_files", "[]")):
             info[key] = json.loads(info.get(key, default))
         info["num_skipped"] = len(info["skipped_files"])

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from sundae_cli.errors import DataError
+from sundae_cli.images import strict_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _grey_levels(img: Image.Image) -> np.ndarray:
 def _open_mask(path: str | os.PathLike) -> Image.Image:
     """Open a mask upright; errors name the file."""
     try:
-        with Image.open(path) as img:
+        with strict_decoding(), Image.open(path) as img:
             img.load()
             return ImageOps.exif_transpose(img)
     except FileNotFoundError as err:

@@ -254,13 +254,13 @@ def sample_tokens(
     )
     final = active.tokens.clone()
     steps_used = [settings.steps] * batch_size
-    history = [final.cpu()] if settings.history_every else []
+    history = [final.to("cpu", copy=True)] if settings.history_every else []
 
     for step in range(settings.steps):
         changed = _refine_step(logits_fn, active, generators, settings, step, grid)
         final[active.index] = active.tokens
         if settings.history_every and (step + 1) % settings.history_every == 0:
-            history.append(final.cpu())
+            history.append(final.to("cpu", copy=True))
         if settings.early_stop and step + 1 >= settings.min_steps:
             stopped = changed == 0
             for i in torch.nonzero(stopped).flatten().tolist():

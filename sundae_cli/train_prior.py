@@ -158,6 +158,7 @@ class PriorTrainer:
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
+            "ema_updates": self.ema.updates,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
@@ -169,7 +170,7 @@ class PriorTrainer:
         from sundae_cli.training import DataPosition, restore_rng
 
         self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
+        self.ema.load_state_dict(state["ema"], int(state["ema_updates"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
@@ -287,7 +288,7 @@ def evaluate(trainer: PriorTrainer) -> dict[str, float]:
 def write_sample_grid(trainer: PriorTrainer, decoder: Any) -> Path:
     """Sample 16 grids with the EMA weights, decode them and save a PNG grid."""
     from sundae_cli.images import make_grid, save_png_atomic
-    from sundae_cli.sampler import SamplerSettings, sample_tokens
+    from sundae_cli.sampler import SamplerSettings, derive_seed, sample_tokens
 
     setup = trainer.setup
     sampling = setup.recipe.sampling
@@ -311,7 +312,7 @@ def write_sample_grid(trainer: PriorTrainer, decoder: Any) -> Path:
         batch_size=count,
         grid=setup.recipe.grid,
         codebook_size=setup.recipe.codebook_size,
-        seeds=[setup.recipe.seed] * count,
+        seeds=[derive_seed(setup.recipe.seed, i) for i in range(count)],
         settings=settings,
         class_labels=labels,
         device=setup.device,

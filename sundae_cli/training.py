@@ -62,10 +62,15 @@ def build_scheduler(
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (used for sampling)."""
+    """Exponential moving average of a model's parameters (used for sampling).
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) over the first n updates, so
+    a short run's EMA is not dominated by the random initialisation.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
+        self.updates = 0
         self.shadow = {
             name: tensor.detach().clone().float()
             for name, tensor in model.state_dict().items()
@@ -74,20 +79,24 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         import torch
 
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
         with torch.no_grad():
             for name, tensor in model.state_dict().items():
                 shadow = self.shadow[name]
                 if tensor.dtype.is_floating_point:
-                    shadow.lerp_(tensor.detach().float(), 1.0 - self.decay)
+                    shadow.lerp_(tensor.detach().float(), 1.0 - decay)
                 else:
                     shadow.copy_(tensor)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged weights (what inference loads)."""
         return dict(self.shadow)
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
         for name, tensor in state.items():
             self.shadow[name].copy_(tensor)
+        self.updates = updates
 
 
 # ------------------------------------------------------------------ RNG

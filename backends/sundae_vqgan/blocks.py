@@ -126,7 +126,8 @@ class Level(nn.Module):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_blocks
         self.block = nn.ModuleList(
-            ResnetBlock(c_in, c_out, dropout) for c_in, c_out in zip(widths, widths[1:])
+            ResnetBlock(c_in, c_out, dropout)
+            for c_in, c_out in zip(widths[:-1], widths[1:], strict=True)
         )
         self.attn = nn.ModuleList(
             AttnBlock(out_channels) for _ in range(num_blocks if use_attention else 0)

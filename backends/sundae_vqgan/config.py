@@ -86,7 +86,7 @@ class VQGANConfig(BaseModel):
         if self.resolution % self.downsample_factor:
             raise ValueError(
                 f"resolution {self.resolution} is not divisible by the downsampling "
-                f"factor {self.downsample_factor} implied by ch_mult {list(self.ch_mult)}"
+                f"factor {self.downsample_factor} of ch_mult {list(self.ch_mult)}"
             )
         levels = self.level_resolutions
         unused = [r for r in self.attn_resolutions if r not in levels]

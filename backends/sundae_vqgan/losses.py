@@ -115,9 +115,9 @@ def adaptive_gan_weight(
     Clamped to [0, 1e4] and detached. Returns 0 when either loss has no graph
     reaching `last_layer_weight` (evaluation, no_grad), as taming does in eval mode.
     """
-    zero = torch.zeros((), device=last_layer_weight.device)
-    if not (torch.is_grad_enabled() and rec_loss.requires_grad and g_loss.requires_grad):
-        return zero
+    differentiable = rec_loss.requires_grad and g_loss.requires_grad
+    if not (torch.is_grad_enabled() and differentiable):
+        return torch.zeros((), device=last_layer_weight.device)
     rec_grad, g_grad = (
         torch.autograd.grad(loss, last_layer_weight, retain_graph=True)[0]
         for loss in (rec_loss, g_loss)
@@ -225,5 +225,7 @@ class VQGANLoss(nn.Module):
 
 def _as_floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     """Detached scalars to floats with a single device synchronisation."""
-    values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
+    values = torch.stack(
+        [value.detach().float().reshape(()) for value in terms.values()]
+    )
     return dict(zip(terms, values.tolist(), strict=True))

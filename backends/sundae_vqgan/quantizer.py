@@ -48,21 +48,36 @@ def nearest_code(z_flat: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def kmeans_plus_plus(samples: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """k-means++ seeds for (n, c) fp32 samples -> (k, c) centres.
+
+    Each new centre is drawn with probability proportional to its squared distance
+    from the nearest centre so far; with fewer distinct samples than clusters the
+    surplus centres repeat samples.
+    """
+    count = samples.shape[0]
+    first = torch.randint(count, (1,), device=samples.device)
+    centres = [samples[first]]  # list of (1, c)
+    closest = squared_distances(samples, centres[0])[:, 0].clamp_min(0)  # (n,)
+    for _ in range(num_clusters - 1):
+        # The tiny floor keeps the draw valid once every sample is a centre.
+        pick = torch.multinomial(closest + 1e-12, 1)
+        centres.append(samples[pick])
+        distance = squared_distances(samples, centres[-1])[:, 0].clamp_min(0)
+        closest = torch.minimum(closest, distance)
+    return torch.cat(centres)
+
+
+@torch.no_grad()
 def kmeans(
     samples: torch.Tensor, num_clusters: int, iters: int, normalize: bool = False
 ) -> torch.Tensor:
     """Lloyd's k-means on (n, c) fp32 samples -> (k, c) centroids.
 
-    Centroids start at random distinct samples (with repeats when n < k); a cluster
-    that loses all its samples keeps its previous centroid. Uses the torch RNG.
+    Seeded by k-means++; a cluster that loses all its samples keeps its previous
+    centroid. Uses the torch RNG, so it is deterministic given its state.
     """
-    count = samples.shape[0]
-    if count >= num_clusters:
-        start = torch.randperm(count, device=samples.device)[:num_clusters]
-    else:
-        start = torch.randint(count, (num_clusters,), device=samples.device)
-    centroids = samples[start].clone()
-
+    centroids = kmeans_plus_plus(samples, num_clusters)
     for _ in range(iters):
         assignment = nearest_code(samples, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, assignment, samples)
@@ -167,7 +182,7 @@ class VectorQuantizer(nn.Module):
         return rearrange(vectors, "b h w c -> b c h w")
 
     def quantize_indices(self, z: torch.Tensor) -> torch.Tensor:
-        """(b, c, h, w) encoder output -> (b, h, w) int64 nearest codes (no remedies)."""
+        """(b, c, h, w) latents -> (b, h, w) int64 nearest codes; no remedies."""
         b, _, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):
             z_flat = self._prepare(rearrange(z, "b c h w -> (b h w) c"))
@@ -177,7 +192,7 @@ class VectorQuantizer(nn.Module):
     def forward(
         self, z: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(b, c, h, w) -> (z_q (b, c, h, w) fp32, loss fp32 scalar, (b, h, w) int64)."""
+        """(b, c, h, w) -> z_q (b, c, h, w) fp32, fp32 scalar loss, (b, h, w) int64."""
         b, _, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):
             z_flat = self._prepare(rearrange(z, "b c h w -> (b h w) c"))

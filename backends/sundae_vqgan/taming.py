@@ -17,12 +17,15 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sundae_cli.errors import CheckpointError
 from sundae_vqgan.taming_yaml import config_from_taming_yaml
+
+if TYPE_CHECKING:
+    from sundae_vqgan.model import VQGAN
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,13 @@ __all__ = [
     "read_torch_checkpoint",
 ]
 
-VQGAN_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+VQGAN_PREFIXES = (
+    "encoder.",
+    "decoder.",
+    "quantize.",
+    "quant_conv.",
+    "post_quant_conv.",
+)
 FIRST_STAGE_PREFIX = "first_stage_model."
 # Storage classes as torch pickles them, and the element type of each.
 STORAGE_DTYPES = {
@@ -110,7 +119,8 @@ def _rebuild_tensor(
 ) -> torch.Tensor:
     """Our `_rebuild_tensor(_v2)`: a strided view of a 1-D storage tensor.
 
-    Requires-grad flags, hooks and conj/neg metadata are dropped (a state dict has none).
+    Requires-grad flags, hooks and conj/neg metadata are dropped (state dicts have
+    none).
     """
     if not isinstance(storage, torch.Tensor):
         raise pickle.UnpicklingError("tensor without a storage record")
@@ -358,7 +368,7 @@ def import_taming_checkpoint(
 
 def load_taming_vqgan(
     path: Path, yaml_text: str | None = None, resolution: int = 256
-) -> Any:
+) -> VQGAN:
     """A `VQGAN` holding a taming checkpoint's weights (loaded strictly)."""
     from sundae_vqgan.config import VQGANConfig
     from sundae_vqgan.model import build_autoencoder

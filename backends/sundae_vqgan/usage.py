@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 class CodebookUsage:
-    """Counts code hits over the last `window` batches (a sliding window, not per batch).
+    """Code hits over the last `window` batches: a sliding window, not per batch.
 
     `update` adds one batch's indices; when a full window of new batches has gone by
     it checks the usage fraction and logs a warning below `warn_fraction`. Counts stay
@@ -45,7 +45,7 @@ class CodebookUsage:
         self.batches_seen = 0
 
     def update(self, indices: torch.Tensor) -> bool:
-        """Count one batch of codes, int64 of any shape; True when a window completes."""
+        """Count one batch of int64 codes (any shape); True when a window completes."""
         counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size)
         self._history.append(counts)
         self._total = counts.clone() if self._total is None else self._total + counts
@@ -72,7 +72,7 @@ class CodebookUsage:
 
     @property
     def perplexity(self) -> float:
-        """exp(entropy) of the window's code distribution: 1 (collapse) to k (uniform)."""
+        """exp(entropy) of the window's code histogram: 1 (collapse) to k (uniform)."""
         counts = self.counts.double()
         total = counts.sum()
         if total == 0:
@@ -82,7 +82,7 @@ class CodebookUsage:
 
     @property
     def dead_codes(self) -> torch.Tensor:
-        """int64 indices of codes hit fewer than `dead_threshold` times in the window."""
+        """int64 indices of codes hit under `dead_threshold` times in the window."""
         return torch.nonzero(self.counts < self.dead_threshold).flatten()
 
     def stats(self) -> dict[str, float]:

@@ -138,7 +138,9 @@ def load_perceptual(path: Path, heads_path: Path | None = None) -> PerceptualLos
         loss.net.load_state_dict(features, strict=True)
     except RuntimeError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: not VGG16 weights ({first_line})", WEIGHTS_HINT) from exc
+        raise DataError(
+            f"{path}: not VGG16 weights ({first_line})", WEIGHTS_HINT
+        ) from exc
     if heads is None:
         log.warning("%s has no LPIPS heads; perceptual loss uses uniform weights", path)
     return loss
@@ -199,4 +201,3 @@ def _heads(state: dict[str, torch.Tensor], path: Path) -> list[torch.Tensor] | N
             )
         heads.append(weight.reshape(width).float())
     return heads
-

@@ -60,6 +60,20 @@ def test_c01_mixed_modes_become_rgb_and_are_counted(tmp_path):
     assert pixels["palette.png"].tolist() == [0, 0, 255]
 
 
+def test_sixteen_bit_and_cmyk_become_rgb(tmp_path):
+    deep = np.array([[0, 257 * 100, 65535]], np.uint16)  # 16-bit grey levels
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "print.jpg")
+
+    grey = np.asarray(load_rgb(tmp_path / "deep.png"))
+    red = np.asarray(load_rgb(tmp_path / "print.jpg"))
+
+    with Image.open(tmp_path / "deep.png") as stored:
+        assert stored.mode.startswith("I")
+    assert grey[0, :, 0].tolist() == [0, 100, 255] and grey.shape == (1, 3, 3)
+    assert red[0, 0].tolist() == [255, 0, 0]
+
+
 def test_c01_bundled_photos_of_three_modes(tmp_path):
     for name in ("horse.png", "camera.png", "chelsea.png"):
         shutil.copy(DATA / name, tmp_path / name)
@@ -71,7 +85,8 @@ def test_c01_bundled_photos_of_three_modes(tmp_path):
     assert [path.name for path in scan.files] == sorted(
         ["camera.png", "chelsea.png", "horse.png"]
     )
-    assert horse.mode == "RGB" and horse.size == Image.open(DATA / "horse.png").size
+    with Image.open(DATA / "horse.png") as original:
+        assert horse.mode == "RGB" and horse.size == original.size
     assert np.asarray(load_rgb(tmp_path / "camera.png")).shape == (64, 64, 3)
 
 
@@ -247,7 +262,8 @@ def test_save_png_atomic_writes_and_reports_errors(tmp_path):
     with pytest.raises(SundaeError, match="taken.png"):
         save_png_atomic(img, tmp_path / "taken.png")
 
-    assert np.array_equal(np.asarray(Image.open(written)), np.asarray(img))
+    with Image.open(written) as reread:
+        assert np.array_equal(np.asarray(reread), np.asarray(img))
     assert sorted(path.name for path in tmp_path.rglob("*")) == [
         "a.png",
         "out",

@@ -268,7 +268,7 @@ def test_token_id_equal_to_codebook_size_is_refused(tmp_path):
         file["tokens"][3, 1, 1] = CODES
 
     with pytest.raises(
-        DataError, match=f"token id {CODES} but codebook_size is {CODES}"
+        DataError, match=f"token id {CODES} found but codebook_size is {CODES}"
     ):
         open_latents(path)
 
@@ -331,3 +331,18 @@ def test_dataset_reopens_after_pickle_and_fork(tmp_path):
     assert copy._file is None and bool((copy[0][0] == first[0]).all())
     assert dataset._file is not handle
     assert len(copy) == 8 and int(first[1]) == 0
+
+
+def test_describe_counts_codes_of_a_partial(tmp_path):
+    path = tmp_path / "latents.h5"
+    writer = make_writer(path)
+    append_sources(writer, range(2))
+    writer.record_skipped("img/bad.png", "truncated")
+    writer.close()
+
+    info = describe_latents(partial_path_for(path))
+
+    assert info["complete"] is False and info["num_items"] == 4
+    assert info["num_skipped"] == 1 and info["class_names"] == ["zero", "one"]
+    assert sum(count for _, count in info["top_codes"]) <= 4 * GRID[0] * GRID[1]
+    assert info["usage_fraction"] > 0
