@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,7 +230,11 @@ def load_feature_network(path: Path, device: torch.device) -> FeatureNetwork:
     if not path.is_file():
         raise DataError(f"feature network {path} does not exist", FEATURES_HINT)
     try:
-        module = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():
+            # TorchScript is deprecated in torch 2.13, but it is the only format the
+            # standard Inception feature file ships in.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=device)
     except (RuntimeError, ValueError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
         raise DataError(

@@ -140,13 +140,13 @@ def propose(
     indices = None
     if top_k is not None and top_k < scaled.shape[-1]:
         scaled, indices = scaled.topk(top_k, dim=-1)  # (b, n, top_k)
-    weights = scaled.sub_(scaled.amax(-1, keepdim=True)).exp_()  # unnormalised probs
-    cdf = weights.cumsum(-1)
-    total = cdf[..., -1:]
-    targets = uniforms[..., None] * total  # (b, n, 1), always below total
+    probs = scaled.softmax(-1)  # one fused pass; cheaper than max, exp, sum apart
+    del scaled
+    cdf = probs.cumsum(-1)
+    targets = uniforms[..., None] * cdf[..., -1:]  # (b, n, 1), below the total
     choice = torch.searchsorted(cdf, targets, right=True)
     choice = choice.clamp_(max=cdf.shape[-1] - 1)  # rounding guard
-    confidence = weights.gather(-1, choice) / total
+    confidence = probs.gather(-1, choice)
     if indices is not None:
         choice = indices.gather(-1, choice)
     return choice[..., 0], confidence[..., 0]

@@ -42,3 +42,44 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+TINY = REPO / "recipes" / "tiny.toml"
+
+
+def make_autoencoder_run(path: Path, overrides: list[str] | None = None):
+    """A random-initialised tiny VQ-GAN saved as a complete autoencoder run."""
+    import torch
+
+    from sundae_cli.checkpoints import save_checkpoint
+    from sundae_cli.plugins import get_autoencoder_backend
+    from sundae_cli.recipes import load_recipe
+    from sundae_cli.runs import create_run
+
+    recipe = load_recipe(TINY, overrides or [])
+    torch.manual_seed(0)
+    model = get_autoencoder_backend("vqgan").build(recipe.autoencoder.config)
+    run = create_run("autoencoder", "tiny", {}, out=path)
+    meta = {"kind": "autoencoder", "recipe": recipe.to_dict()}
+    save_checkpoint(run.path, 1, model.state_dict(), None, meta)
+    return run.path
+
+
+@pytest.fixture(scope="session")
+def digit_latents(tmp_path_factory):
+    """Real digits (30 per class) encoded by a random tiny VQ-GAN: (latents, ae run)."""
+    from sundae_cli.datasets import export_digits
+    from sundae_cli.encode import encode_folder
+    from sundae_cli.models import load_autoencoder
+
+    import torch
+
+    root = tmp_path_factory.mktemp("digits")
+    export_digits(root / "images", per_class=30)
+    ae_path = make_autoencoder_run(root / "ae")
+    loaded = load_autoencoder(ae_path, torch.device("cpu"))
+    out = root / "latents.h5"
+    encode_folder(
+        root / "images", out, loaded, labels_from_subfolders=True, num_workers=0
+    )
+    return out, ae_path

@@ -135,7 +135,7 @@ class VectorQuantizer(nn.Module):
         self.kmeans_init = kmeans_init
         self.kmeans_iters = kmeans_iters
         self.dead_code_restart = dead_code_restart
-        self.usage = usage or CodebookUsage(codebook_size)
+        self.usage = CodebookUsage(codebook_size) if usage is None else usage
 
         self.embedding = nn.Embedding(codebook_size, embed_dim)
         nn.init.uniform_(self.embedding.weight, -1 / codebook_size, 1 / codebook_size)

@@ -61,6 +61,10 @@ STORAGE_DTYPES = {
     "BoolStorage": torch.bool,
     "UntypedStorage": torch.uint8,
 }
+# dtypes by name, read from the module dict so no lazy torch import is triggered.
+TORCH_DTYPES = {
+    name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)
+}
 IMPORT_HINT = (
     "give a taming-transformers VQModel or cond-transformer .ckpt saved by torch>=1.6 "
     "(zip format)"
@@ -176,8 +180,8 @@ class SafeUnpickler(pickle.Unpickler):
             return SAFE_GLOBALS[module, name]
         if module in ("torch", "torch.storage") and name in STORAGE_DTYPES:
             return _StorageKind(STORAGE_DTYPES[name])
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and name in TORCH_DTYPES:
+            return TORCH_DTYPES[name]
         return self._inert_class(module, name)
 
     def _inert_class(self, module: str, name: str) -> type[InertObject]:

@@ -46,7 +46,10 @@ class CodebookUsage:
 
     def update(self, indices: torch.Tensor) -> bool:
         """Count one batch of int64 codes (any shape); True when a window completes."""
-        counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size)
+        # scatter_add rather than bincount: bincount on CUDA waits for the device.
+        flat = indices.reshape(-1)
+        counts = torch.zeros(self.codebook_size, dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         self._history.append(counts)
         self._total = counts.clone() if self._total is None else self._total + counts
         if len(self._history) > self.window:

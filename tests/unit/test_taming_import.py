@@ -202,14 +202,18 @@ def test_views_dtypes_and_parameters_round_trip(tmp_path: Path) -> None:
         "param": torch.nn.Parameter(torch.randn(3)),
         "empty": torch.zeros(0, 4),
     }
+    uint16 = torch.arange(5, dtype=torch.int32).to(torch.uint16)[1:]
     path = tmp_path / "tensors.pt"
-    torch.save(original, path)
+    torch.save({**original, "uint16": uint16}, path)
 
     loaded = read_torch_checkpoint(path)
 
     for key, value in original.items():
         assert loaded[key].dtype == value.dtype, key
         assert torch.equal(loaded[key], value.detach()), key
+    # uint16 goes through torch's newer _rebuild_tensor_v3 with untyped storage.
+    assert loaded["uint16"].dtype == torch.uint16
+    assert torch.equal(loaded["uint16"].view(torch.uint8), uint16.view(torch.uint8))
 
 
 def test_cond_transformer_prefix_is_stripped() -> None:
