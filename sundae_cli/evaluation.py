@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ import numpy as np
 
 from sundae_cli.errors import DataError
 from sundae_cli.fsutil import atomic_path, sha256_file
+from sundae_cli.images import fit_to, load_rgb, to_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -128,8 +130,6 @@ def _load_fitted(files: Sequence[Path], image_size: tuple[int, int]) -> torch.Te
     """Images centre-fitted to (H, W) as float (b, 3, H, W) in [-1, 1]."""
     import torch
 
-    from sundae_cli.images import fit_to, load_rgb, to_tensor
-
     fitted = [fit_to(load_rgb(f), image_size, crop="center") for f in files]
     return torch.stack([to_tensor(img) for img in fitted])
 
@@ -189,16 +189,15 @@ class FeatureNetwork:
     takes_flag: bool | None = None  # accepts return_features=True; set on 1st call
 
     def _forward(self, images: torch.Tensor) -> Any:
-        if self.takes_flag is None:
+        if self.takes_flag is not False:
             try:
                 out = self.module(images, return_features=True)
-            except RuntimeError:  # a plain network: forward(x) only
-                self.takes_flag = False
-                return self.module(images)
-            self.takes_flag = True
-            return out
-        if self.takes_flag:
-            return self.module(images, return_features=True)
+                self.takes_flag = True
+                return out
+            except RuntimeError:
+                if self.takes_flag:
+                    raise
+                self.takes_flag = False  # a plain network: forward(x) only
         return self.module(images)
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
@@ -245,7 +244,9 @@ def load_feature_network(path: Path, device: torch.device) -> FeatureNetwork:
     return FeatureNetwork(path, sha256_file(path), module, device)
 
 
-def _resample(resize_mode: str) -> Any:
+def _resized_batch(files: Sequence[Path], size: int, resize_mode: str) -> torch.Tensor:
+    """Images resized to (size, size), no crop, as float (b, 3, S, S) in [0, 255]."""
+    import torch
     from PIL import Image
 
     if resize_mode not in RESIZE_MODES:
@@ -253,7 +254,9 @@ def _resample(resize_mode: str) -> Any:
             f"unknown resize mode {resize_mode!r}",
             f"use --resize-mode {' | '.join(RESIZE_MODES)}",
         )
-    return getattr(Image.Resampling, resize_mode.upper())
+    resample = getattr(Image.Resampling, resize_mode.upper())
+    pixels = [np.asarray(load_rgb(f).resize((size, size), resample)) for f in files]
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
 
 
 def extract_features(
@@ -262,23 +265,15 @@ def extract_features(
     size: int,
     resize_mode: str,
     batch_size: int,
+    description: str = "features",
 ) -> np.ndarray:
     """Features (n, d) float64 of `files` resized to (size, size) by `resize_mode`."""
     import torch
 
-    from sundae_cli.images import load_rgb
-
-    resample = _resample(resize_mode)
     chunks = []
-    with torch.inference_mode(), _progress(len(files), "features") as bar:
+    with torch.inference_mode(), _progress(len(files), description) as bar:
         for start in range(0, len(files), batch_size):
-            pixels = np.stack(
-                [
-                    np.asarray(load_rgb(f).resize((size, size), resample))
-                    for f in files[start : start + batch_size]
-                ]
-            )  # (b, S, S, 3) uint8
-            batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+            batch = _resized_batch(files[start : start + batch_size], size, resize_mode)
             chunks.append(network(batch.to(network.device)))
             bar.update(min(start + batch_size, len(files)), "")
     return np.concatenate(chunks)
@@ -381,7 +376,7 @@ def _read_cache(path: Path) -> FeatureStats | None:
         with np.load(path, allow_pickle=False) as data:
             features = data["features"].astype(np.float64)
             return FeatureStats(features, data["mu"], data["sigma"])
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         log.warning("ignoring unreadable FID cache %s (%s)", path, exc)
         return None
 
@@ -420,14 +415,14 @@ def reference_statistics(
         if cached is not None:
             log.info("using cached reference statistics %s", path)
             return cached, path, True
-    stats = _folder_stats(network, files, settings)
+    stats = _folder_stats(network, files, settings, "real")
     _write_cache(path, stats)
     log.info("cached reference statistics in %s", path)
     return stats, path, False
 
 
 def _folder_stats(
-    network: FeatureNetwork, files: Sequence[Path], settings: FidSettings
+    network: FeatureNetwork, files: Sequence[Path], settings: FidSettings, name: str
 ) -> FeatureStats:
     if len(files) < 2:
         raise DataError(
@@ -435,22 +430,31 @@ def _folder_stats(
             "add images to the folder (2048 or more for comparable numbers)",
         )
     features = extract_features(
-        network, files, settings.size, settings.resize_mode, settings.batch_size
+        network,
+        files,
+        settings.size,
+        settings.resize_mode,
+        settings.batch_size,
+        description=f"features ({name})",
     )
     return FeatureStats.of(features)
 
 
 def _warn_if_few(count: int, name: str, width: int) -> None:
-    if count < max(MIN_FID_SAMPLES, width):
-        log.warning(
-            "only %d %s images: FID is biased upwards below %d samples and the "
-            "covariance is rank-deficient below the feature width (%d); compare "
-            "scores only at equal sample counts",
-            count,
-            name,
-            MIN_FID_SAMPLES,
-            width,
-        )
+    """Warn that FID is biased (and the covariance singular) for small sets."""
+    if count >= MIN_FID_SAMPLES:
+        return
+    singular = ""
+    if count <= width:
+        singular = f", and the covariance is singular at <= {width} (feature width)"
+    log.warning(
+        "only %d %s images: FID is biased upwards below %d per set%s; compare "
+        "scores only at equal sample counts",
+        count,
+        name,
+        MIN_FID_SAMPLES,
+        singular,
+    )
 
 
 def evaluate_fid(
@@ -461,7 +465,7 @@ def evaluate_fid(
 ) -> dict[str, Any]:
     """FID and KID of `fake_files` against `real_files`; a JSON-ready report."""
     real, cache_path, from_cache = reference_statistics(network, real_files, settings)
-    fake = _folder_stats(network, fake_files, settings)
+    fake = _folder_stats(network, fake_files, settings, "fake")
     width = real.features.shape[1]
     _warn_if_few(len(real_files), "real", width)
     _warn_if_few(len(fake_files), "fake", width)

@@ -15,7 +15,17 @@ Every sample owns a CPU `torch.Generator` seeded with its seed, and draws the sa
 numbers in the same order whatever the batch: n initial tokens, then 2n uniforms per
 step (proposals by inverse CDF, then the random-update mask). So sample i depends on
 its seed only, not on the batch size, its neighbours or N, and a seed gives the same
-draws on every device (up to the network's own numerics).
+draws on every device (up to the network's own numerics). Commands give sample i of
+a run seeded with S the seed `derive_seed(S, i)` and record it with the image.
+Drawing per sample costs O(n) uniforms per sample and step; proposals use inverse
+CDF sampling (softmax, cumsum, searchsorted), not Gumbel-max, which would need n * k
+uniforms per sample and step.
+
+Deviation: the "confidence" update is ours, in the spirit of the argmax-unrolled
+decoding of the text SUNDAE paper; the megapixel paper uses the random update only.
+Proposals are still drawn at temperature tau, but instead of a random subset, the
+share p of the free positions whose drawn proposals are most probable is accepted
+(see `confidence_mask`).
 """
 
 from __future__ import annotations
@@ -73,7 +83,7 @@ class SamplerSettings:
     update: Literal["random", "confidence"] = "random"
     min_steps: int = 10  # steps before a sample may stop early
     early_stop: bool = True  # stop a sample once a step changes none of its tokens
-    history_every: int = 0  # keep the tokens of every k-th step; 0 keeps none
+    history_every: int = 0  # keep the start and every k-th step; 0 keeps none
 
     def __post_init__(self) -> None:
         temperature = _pair(self.temperature, "--temperature")
@@ -240,9 +250,13 @@ def sample_tokens(
     """Sample `batch_size` token grids (h, w) = `grid`; sample i uses `seeds[i]`.
 
     `logits_fn(tokens (b', h, w), labels (b',) | None) -> (b', h, w, k)` is called
-    on the active samples only. `init_tokens` (b, h, w) int64 replaces the random
-    start; `fixed_mask` (b, h, w) bool marks positions that keep `init_tokens` at
-    every step. `class_labels` (b,) int64 follows each sample.
+    on the active samples only; its logits may be any float dtype (the sampling
+    maths runs in fp32). Without `fixed_mask`, `init_tokens` (b, h, w) int64
+    replaces the random start everywhere (upscaling an image). With `fixed_mask`
+    (b, h, w) bool, True positions take `init_tokens` and never change while the
+    other positions start random (inpainting). `class_labels` (b,) int64 follow
+    their samples as the batch shrinks. `history` holds the start and the tokens
+    after every `history_every`-th step, on the CPU.
     """
     device = torch.device(device)
     _check_request(

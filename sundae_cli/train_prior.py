@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sundae_cli.errors import DataError, Interrupted, TrainingError
+from sundae_cli.errors import DataError, TrainingError
 from sundae_cli.objective import unrolled_loss
 
 if TYPE_CHECKING:
@@ -195,7 +194,7 @@ class PriorTrainer:
                 loss, metrics = self.objective(tokens, labels, seed)
             bad = check_finite(self.step, {"sundae_loss": loss})
             if bad:
-                return {"nonfinite": 1.0}
+                return {"nonfinite": 1.0, "term": bad}
             (loss / section.accumulate).backward()
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / section.accumulate
@@ -479,54 +478,15 @@ def announce(trainer: PriorTrainer) -> None:
 
 def run_loop(trainer: PriorTrainer) -> dict[str, float]:
     """Step until `train.prior.steps`; periodic logs, evals, grids, checkpoints."""
-    from sundae_cli.distributed import any_rank
-    from sundae_cli.training import Progress
+    from sundae_cli.training import run_steps
 
-    setup, section = trainer.setup, trainer.section
-    main = setup.dist.is_main
-    decoder = load_decoder(setup) if main else None
-    batches = iter(trainer.stream)
-    window: list[dict[str, float]] = []
-    last: dict[str, float] = {}
-    with Progress(section.steps, trainer.step, "train prior", main) as progress:
-        try:
-            while trainer.step < section.steps:
-                started = time.perf_counter()
-                metrics = trainer.train_step(batches)
-                if any_rank("nonfinite" in metrics, setup.dist, setup.device):
-                    handle_nonfinite(trainer)
-                    continue
-                trainer.step += 1
-                metrics["ms_per_step"] = 1000 * (time.perf_counter() - started)
-                window.append(metrics)
-                progress.update(trainer.step, _status(metrics))
-                if main:
-                    last = periodic(trainer, window, decoder) or last
-        except KeyboardInterrupt:
-            raise interrupted(trainer) from None
-    if main and trainer.step > 0:
-        save(trainer)
-    return last
-
-
-def handle_nonfinite(trainer: PriorTrainer) -> None:
-    from sundae_cli.training import nonfinite_error
-
-    last = str(trainer.last_checkpoint) if trainer.last_checkpoint else None
-    if trainer.section.nonfinite == "stop":
-        raise nonfinite_error(trainer.step + 1, "sundae_loss", last)
-    log.warning("skipping step %d: non-finite sundae_loss", trainer.step + 1)
-    trainer.step += 1
-
-
-def interrupted(trainer: PriorTrainer) -> Interrupted:
-    """Save a checkpoint (rank 0) on Ctrl-C and build the error to exit 130 with."""
-    where = ""
-    if trainer.setup.dist.is_main and trainer.step > 0:
-        where = f"; checkpoint written to {save(trainer)}"
-    return Interrupted(
-        f"interrupted at step {trainer.step}{where}",
-        hint=f"continue with `sundae train prior RECIPE --resume {trainer.run.path}`",
+    decoder = load_decoder(trainer.setup) if trainer.setup.dist.is_main else None
+    return run_steps(
+        trainer,
+        command="prior",
+        periodic=lambda window: periodic(trainer, window, decoder),
+        save=lambda: save(trainer),
+        status=_status,
     )
 
 

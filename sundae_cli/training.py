@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sundae_cli.errors import CheckpointError, TrainingError
+from sundae_cli.errors import CheckpointError, Interrupted, TrainingError
 
 if TYPE_CHECKING:
     import torch
@@ -210,17 +210,17 @@ def check_finite(step: int, terms: dict[str, torch.Tensor | float]) -> str | Non
     return None
 
 
-def nonfinite_error(step: int, term: str, last_good: str | None) -> TrainingError:
+def nonfinite_error(
+    step: int, term: str, last_good: str | None, command: str
+) -> TrainingError:
     where = f"; the last good checkpoint is {last_good}" if last_good else ""
+    key = f"train.{command}"
     return TrainingError(
         f"loss term {term!r} became non-finite at step {step}; stopped without "
         f"writing a checkpoint{where}",
-        hint="lower the learning rate (--set train.<stage>.learning_rate=...), or set "
-        'train.<stage>.nonfinite = "skip" to skip such steps',
+        hint=f"lower the learning rate (--set {key}.learning_rate=...), or set "
+        f'{key}.nonfinite = "skip" to skip such steps',
     )
-
-
-ARCHITECTURE_KEYS = ("autoencoder", "prior", "data.image_size", "resolution")
 
 
 def recipe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list:
@@ -299,3 +299,69 @@ class Progress:
 
     def update(self, step: int, status: str) -> None:
         self._bar.update(self._task, completed=step, status=status)
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def run_steps(
+    trainer: Any,
+    *,
+    command: str,
+    periodic: Any,
+    save: Any,
+    status: Any,
+) -> dict[str, float]:
+    """The step loop both stages share.
+
+    `trainer` offers `step`, `section` (steps, nonfinite), `setup` (dist, device),
+    `stream`, `run`, `last_checkpoint` and `train_step(batches) -> metrics`, where
+    metrics holding "nonfinite" name the bad loss term under "term". `periodic(window)`
+    runs on rank 0 after every step and returns a logged record or None; `save()`
+    writes a checkpoint; `status(metrics)` is the progress-bar text.
+    """
+    from sundae_cli.distributed import any_rank
+
+    setup, section = trainer.setup, trainer.section
+    main = setup.dist.is_main
+    batches = iter(trainer.stream)
+    window: list[dict[str, float]] = []
+    last: dict[str, float] = {}
+    with Progress(section.steps, trainer.step, f"train {command}", main) as progress:
+        try:
+            while trainer.step < section.steps:
+                started = time.perf_counter()
+                metrics = trainer.train_step(batches)
+                if any_rank("nonfinite" in metrics, setup.dist, setup.device):
+                    _skip_or_stop(trainer, command, metrics.get("term", "loss"))
+                    continue
+                trainer.step += 1
+                metrics["ms_per_step"] = 1000 * (time.perf_counter() - started)
+                window.append(metrics)
+                progress.update(trainer.step, status(metrics))
+                if main:
+                    last = periodic(window) or last
+        except KeyboardInterrupt:
+            raise _interrupted(trainer, command, save) from None
+    if main and trainer.step > 0:
+        save()
+    return last
+
+
+def _skip_or_stop(trainer: Any, command: str, term: str) -> None:
+    last = str(trainer.last_checkpoint) if trainer.last_checkpoint else None
+    if trainer.section.nonfinite == "stop":
+        raise nonfinite_error(trainer.step + 1, term, last, command)
+    log.warning("skipping step %d: non-finite %s", trainer.step + 1, term)
+    trainer.step += 1
+
+
+def _interrupted(trainer: Any, command: str, save: Any) -> Interrupted:
+    """Save a checkpoint (rank 0) on Ctrl-C and build the error to exit 130 with."""
+    where = ""
+    if trainer.setup.dist.is_main and trainer.step > 0:
+        where = f"; checkpoint written to {save()}"
+    return Interrupted(
+        f"interrupted at step {trainer.step}{where}",
+        hint=f"continue with `sundae train {command} --resume {trainer.run.path}`",
+    )

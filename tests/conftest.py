@@ -68,11 +68,11 @@ def make_autoencoder_run(path: Path, overrides: list[str] | None = None):
 @pytest.fixture(scope="session")
 def digit_latents(tmp_path_factory):
     """Real digits (30 per class) encoded by a random tiny VQ-GAN: (latents, ae run)."""
+    import torch
+
     from sundae_cli.datasets import export_digits
     from sundae_cli.encode import encode_folder
     from sundae_cli.models import load_autoencoder
-
-    import torch
 
     root = tmp_path_factory.mktemp("digits")
     export_digits(root / "images", per_class=30)

@@ -1,4 +1,4 @@
-"""The 2D-aware hourglass transformer prior (McKinney and Willcocks 2022, section 3).
+"""The 2D-aware hourglass transformer prior (McKinney and Willcocks 2022).
 
 Axes: `b` batch, `h w` grid height and width, `n` flattened tokens (row-major),
 `d` model width, `k` codebook size.
@@ -12,6 +12,13 @@ runs on any grid whose sides are multiples of the shortening factors.
 
 Deviation: the merged-patch resampling keeps the original hourglass's "linear" form
 (concatenate, project), but applies no causal shift: the SUNDAE prior is non-causal.
+The "attention" resampling mode is patch-local (see `resampling`), not the original
+hourglass's attention over the whole shortened sequence.
+
+Sizes: the "256" preset has 186.8M parameters with 1024 codes and the "1024" preset
+226.7M with 8192 codes; the paper quotes about 178M and 214M. Without our two
+resampling projections (4 d^2 each) the first is 178.4M, so the paper's count
+probably leaves them out or uses a lighter resampling; the second is then 218.3M.
 """
 
 from __future__ import annotations

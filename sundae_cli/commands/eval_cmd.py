@@ -69,7 +69,8 @@ def recon(
         loaded.model, files, image_size, batch_size, torch_device
     )
     if json_:
-        result(json.dumps({"model": describe(loaded), **metrics}, indent=2))
+        info = {"model": describe(loaded), "image_size": list(image_size)}
+        result(json.dumps({**info, **metrics}, indent=2))
         return
     for line in _recon_table(metrics):
         result(line)

@@ -67,3 +67,39 @@ def prior(
     outcome = train_prior(loaded, latents=latents, out=out, resume=resume)
     if outcome.checkpoint is not None:
         result(str(outcome.run_path))
+
+
+@app.command("vqgan")
+def vqgan(
+    recipe: RecipeArg = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Image folder (default: recipe data.dir)."),
+    ] = None,
+    perceptual_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--perceptual-weights",
+            help="VGG16 (LPIPS) weights file; without it the perceptual loss is off.",
+        ),
+    ] = None,
+    resume: ResumeOption = None,
+    out: OutOption = None,
+    device: DeviceOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train the VQ-GAN autoencoder on an image folder."""
+    from sundae_cli.console import result
+    from sundae_cli.train_vqgan import train_vqgan
+
+    sets = list(set_ or []) + ([f"device={device!r}"] if device else [])
+    loaded = _recipe(recipe, resume, "autoencoder", sets)
+    outcome = train_vqgan(
+        loaded,
+        data=data,
+        out=out,
+        resume=resume,
+        perceptual_weights=perceptual_weights,
+    )
+    if outcome.checkpoint is not None:
+        result(str(outcome.run_path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -14,6 +15,7 @@ from sundae_cli.errors import DataError
 from sundae_cli.evaluation import (
     PSNR_CAP_DB,
     FeatureStats,
+    FidSettings,
     codebook_statistics,
     evaluate_reconstruction,
     extract_features,
@@ -22,6 +24,7 @@ from sundae_cli.evaluation import (
     load_feature_network,
     psnr,
     reference_key,
+    reference_statistics,
     ssim,
 )
 
@@ -276,3 +279,29 @@ def test_reference_key_follows_files_network_and_resize(tmp_path):
     stat = files[0].stat()
     os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert key != reference_key(files, "abc", "bicubic", 299)
+
+
+def test_unreadable_cache_is_recomputed_and_replaced(tmp_path, caplog, monkeypatch):
+    # The CLI's log setup stops `sundae_cli` records at its own handler; let them
+    # reach caplog's root handler whatever ran before.
+    monkeypatch.setattr(logging.getLogger("sundae_cli"), "propagate", True)
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(4):
+        Image.new("RGB", (6, 6), (index * 40, 10, 20)).save(images / f"{index}.png")
+    files = sorted(images.iterdir())
+    path = tmp_path / "plain.pt"
+    torch.jit.script(Plain()).save(str(path))
+    network = load_feature_network(path, torch.device("cpu"))
+    settings = FidSettings(size=4, batch_size=3, cache_dir=tmp_path / "cache")
+
+    fresh, cache_file, from_cache = reference_statistics(network, files, settings)
+    assert not from_cache and cache_file.parent == tmp_path / "cache"
+    cache_file.write_bytes(b"garbage")
+    again, same_file, from_cache = reference_statistics(network, files, settings)
+    assert same_file == cache_file and not from_cache
+    assert "ignoring unreadable FID cache" in caplog.text
+    cached, _, from_cache = reference_statistics(network, files, settings)
+    assert from_cache
+    np.testing.assert_array_equal(cached.features, fresh.features)
+    np.testing.assert_allclose(cached.sigma, fresh.sigma)

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
+
+from sundae_cli.errors import InputError
 from sundae_hourglass.config import HourglassConfig
 from sundae_hourglass.model import HourglassPrior, build_prior, count_parameters
 from sundae_hourglass.plugin import PRESETS, backend
@@ -18,8 +20,6 @@ from sundae_hourglass.resampling import (
     ungroup_patches,
 )
 from sundae_hourglass.rotary import AxialRotary, apply_rotary
-
-from sundae_cli.errors import InputError
 
 
 def tiny(**overrides) -> HourglassConfig:
@@ -102,10 +102,11 @@ def _changed_rows(before: torch.Tensor, after: torch.Tensor) -> list[int]:
     return torch.nonzero((before - after).abs().amax(-1)[0] > 0).flatten().tolist()
 
 
-def test_2d_shortening_merges_exactly_each_patch():
+@pytest.mark.parametrize("attention_heads", [None, 2])
+def test_2d_shortening_merges_exactly_each_patch(attention_heads):
     torch.manual_seed(0)
     grid, s, width = (4, 6), 2, 8
-    shorten = Shortening(width, s, "2d", attention_heads=None)
+    shorten = Shortening(width, s, "2d", attention_heads=attention_heads)
     x = torch.randn(1, 24, width)
     base = shorten(x, grid)
     for position in range(24):
@@ -127,17 +128,19 @@ def test_1d_shortening_merges_runs_of_flattened_tokens():
         assert _changed_rows(base, shorten(bumped, (4, 6))) == [position // 4]
 
 
-@pytest.mark.parametrize("mode", ["2d", "1d"])
-def test_upsampling_scatters_each_token_back_to_its_patch(mode):
+@pytest.mark.parametrize(
+    ("mode", "attention_heads"), [("2d", None), ("1d", None), ("2d", 1)]
+)
+def test_upsampling_scatters_each_token_back_to_its_patch(mode, attention_heads):
     torch.manual_seed(0)
     grid, s = (4, 8), 2
-    x = torch.randn(2, 32, 5)
+    x = torch.randn(2, 32, 4)
     assert torch.equal(
         ungroup_patches(group_patches(x, grid, s, mode), grid, s, mode), x
     )
 
-    upsample = Upsampling(5, s, mode, attention_heads=None)
-    short, residual = torch.randn(1, 8, 5), torch.randn(1, 32, 5)
+    upsample = Upsampling(4, s, mode, attention_heads=attention_heads)
+    short, residual = torch.randn(1, 8, 4), torch.randn(1, 32, 4)
     base = upsample(short, residual, grid)
     positions = torch.arange(32)
     for token in range(8):

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from sundae_hourglass.config import HourglassConfig
-from sundae_hourglass.model import build_prior
 
 from sundae_cli.errors import InputError
 from sundae_cli.objective import UnrolledLoss, corrupt, unrolled_loss
+from sundae_hourglass.config import HourglassConfig
+from sundae_hourglass.model import build_prior
 
 
 def test_corruption_rate_matches_its_target():

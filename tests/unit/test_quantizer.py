@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
 from sundae_vqgan.config import VQGANConfig
 from sundae_vqgan.model import build_autoencoder
 from sundae_vqgan.quantizer import CodebookUsage, VectorQuantizer, kmeans

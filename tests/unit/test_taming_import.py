@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from sundae_cli.errors import CheckpointError
 from sundae_vqgan.config import VQGANConfig
 from sundae_vqgan.model import build_autoencoder
 from sundae_vqgan.taming import (
@@ -22,8 +24,6 @@ from sundae_vqgan.taming import (
     read_torch_checkpoint,
 )
 from sundae_vqgan.taming_yaml import config_from_taming_yaml, parse_yaml_subset
-
-from sundae_cli.errors import CheckpointError
 
 CONFIG = dict(
     ch=32,

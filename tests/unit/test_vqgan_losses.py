@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
+
+from sundae_cli.errors import DataError
 from sundae_vqgan.config import VQGANConfig
 from sundae_vqgan.losses import (
     NLayerDiscriminator,
@@ -15,9 +18,6 @@ from sundae_vqgan.losses import (
     hinge_g_loss,
 )
 from sundae_vqgan.vgg import PerceptualLoss, VGG16Features, load_perceptual
-from torch import nn
-
-from sundae_cli.errors import DataError
 
 # torchvision vgg16().features: index of each 3x3 convolution and its weight shape.
 VGG16_CONVS = {

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 from pydantic import ValidationError
+
+from sundae_cli.errors import DataError
+from sundae_cli.plugins import Autoencoder, AutoencoderBackend
 from sundae_vqgan.blocks import group_norm
 from sundae_vqgan.config import VQGANConfig
 from sundae_vqgan.model import VQGAN, build_autoencoder
 from sundae_vqgan.plugin import PRESETS, backend
-
-from sundae_cli.errors import DataError
-from sundae_cli.plugins import Autoencoder, AutoencoderBackend
 
 TINY = dict(
     ch=32,
