@@ -17,6 +17,7 @@ from sundae_cli.commands import (
     data_cmd,
     devices_cmd,
     encode_cmd,
+    eval_cmd,
     latents_cmd,
     recipes_cmd,
     runs_cmd,
@@ -87,6 +88,7 @@ app.add_typer(train_cmd.app, name="train")
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(latents_cmd.app, name="latents")
 app.command("encode")(encode_cmd.encode)
+app.add_typer(eval_cmd.app, name="eval")
 app.command("devices")(devices_cmd.devices)
 
 
