@@ -41,13 +41,33 @@ def digit_cells() -> list[tuple[int, int, Image.Image]]:
     return cells
 
 
-def export_digits(out: Path, per_class: int | None = None) -> int:
-    """Write digits as `out/<label>/<label>_<index>.png`; returns how many."""
+def in_split(index: int, split: str) -> bool:
+    """The fixed digits split: every fifth digit of a class is held out ("test")."""
+    if split == "all":
+        return True
+    held_out = index % 5 == 4
+    return held_out if split == "test" else not held_out
+
+
+def export_digits(
+    out: Path, per_class: int | None = None, split: str = "all"
+) -> int:
+    """Write digits as `out/<label>/<label>_<index>.png`; returns how many.
+
+    `split` is "all", "train" (4,000 digits) or "test" (the 1,000 held out, every
+    fifth of each class); `per_class` then keeps the first that many of each class.
+    """
+    if split not in ("all", "train", "test"):
+        raise DataError(f"unknown split {split!r}", hint="use all, train or test")
     _prepare(out)
     count = 0
+    kept: dict[int, int] = {}
     for label, index, image in digit_cells():
-        if per_class is not None and index >= per_class:
+        if not in_split(index, split):
             continue
+        if per_class is not None and kept.get(label, 0) >= per_class:
+            continue
+        kept[label] = kept.get(label, 0) + 1
         folder = out / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{label}_{index:04d}.png")

@@ -18,6 +18,7 @@ Policies (shared by `train vqgan`, `encode`, `generate --init` and `inpaint`):
   Lanczos with a reducing gap, and crops the rest: centred for encoding and inference,
   at a random offset for training. The crop is taken in source coordinates before
   resampling, so extreme aspect ratios (8x300, 1x100000) never allocate a huge image.
+  Training may instead take `crop="patch"`: random patches at the image's own scale.
 - Tensors are (3, H, W) float32 in [-1, 1].
 """
 
@@ -234,11 +235,19 @@ def fit_to(
     """Scale `img` to cover `size` = (height, width), then crop to exactly that size.
 
     `crop="center"` is deterministic; `crop="random"` draws the offset from `rng`.
+    `crop="patch"` (training only) takes a random `size` patch at the image's own
+    scale, no resampling, falling back to "random" for images smaller than `size`.
     Small images (down to 1x1) are upscaled; the same policy serves every command.
     """
     height, width = size
     if height < 1 or width < 1:
         raise ValueError(f"target size must be positive, got {size}")
+    if crop == "patch":
+        if img.width >= width and img.height >= height and rng is not None:
+            left = int(rng.integers(0, img.width - width + 1))
+            top = int(rng.integers(0, img.height - height + 1))
+            return img.crop((left, top, left + width, top + height))
+        crop = "random"
     box = _crop_box(img.width, img.height, width / height, crop, rng)
     if img.size == (width, height) and box == (0.0, 0.0, width, height):
         return img.copy()
@@ -297,8 +306,8 @@ class ImageFolderDataset:
         crop: str = "center",
         seed: int = 0,
     ) -> None:
-        if crop not in ("center", "random"):
-            raise ValueError(f"crop must be 'center' or 'random', not {crop!r}")
+        if crop not in ("center", "random", "patch"):
+            raise ValueError(f"crop must be center, random or patch, not {crop!r}")
         self.files = [Path(file) for file in files]
         self.size = size
         self.flip_p = flip_p

@@ -56,7 +56,9 @@ class DataSection(Section):
     """The images: canvas size and how they are cropped for stage 1."""
 
     image_size: SizePair = (256, 256)  # (height, width) in pixels; an int is square
-    crop: Literal["center", "random"] = "center"  # see sundae_cli.images.fit_to
+    # center/random: scale to cover, then crop; patch: random native-scale patches
+    # (training only; encoding always uses center). See sundae_cli.images.fit_to.
+    crop: Literal["center", "random", "patch"] = "center"
     flip: bool = True  # random horizontal flips while training the autoencoder
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05  # held-out share
     dir: str | None = None  # default image folder for `train vqgan` (or --data)

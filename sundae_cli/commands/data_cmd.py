@@ -17,12 +17,18 @@ def digits(
         int | None,
         typer.Option("--per-class", min=1, max=500, help="Only this many per class."),
     ] = None,
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split", help="all, train (4,000) or test (1,000: every 5th per class)."
+        ),
+    ] = "all",
 ) -> None:
     """Write the 5,000 handwritten digits as OUT/<label>/*.png (20x20, greyscale)."""
     from sundae_cli.console import result
     from sundae_cli.datasets import export_digits
 
-    count = export_digits(out, per_class)
+    count = export_digits(out, per_class, split)
     result(f"{out}\t{count} digits")
 
 
