@@ -18,9 +18,11 @@ from sundae_cli.commands import (
     devices_cmd,
     encode_cmd,
     eval_cmd,
+    import_cmd,
     latents_cmd,
     recipes_cmd,
     runs_cmd,
+    sample_cmd,
     train_cmd,
 )
 from sundae_cli.console import is_debug, report_error, setup_logging
@@ -87,8 +89,12 @@ app.add_typer(runs_cmd.app, name="runs")
 app.add_typer(train_cmd.app, name="train")
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(latents_cmd.app, name="latents")
+app.add_typer(import_cmd.app, name="import")
 app.command("encode")(encode_cmd.encode)
 app.add_typer(eval_cmd.app, name="eval")
+app.command("sample")(sample_cmd.sample)
+app.command("generate")(sample_cmd.generate)
+app.command("inpaint")(sample_cmd.inpaint)
 app.command("devices")(devices_cmd.devices)
 
 

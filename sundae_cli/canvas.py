@@ -34,8 +34,10 @@ from typing import Any
 
 import torch
 
+from sundae_cli.devices import resolve_device
 from sundae_cli.errors import InputError
 from sundae_cli.generation import (
+    DECODE_PIXELS,
     GenerationModels,
     Job,
     JobResult,
@@ -49,6 +51,7 @@ from sundae_cli.generation import (
     run_job,
     sampler_settings,
 )
+from sundae_cli.images import fit_to, load_rgb, to_tensor
 from sundae_cli.recipes import Recipe
 from sundae_cli.sampler import (
     LogitsFn,
@@ -108,9 +111,7 @@ def requested_size(
 ) -> tuple[int, int]:
     """Canvas (height, width) from --size or --resolution (default: native)."""
     if size is not None and resolution is not None:
-        raise InputError(
-            "--size and --resolution both given", hint="pass only one of them"
-        )
+        raise InputError("--size and --resolution both given", hint="pass only one")
     if size is not None:
         return size
     if resolution in (None, "native"):
@@ -184,8 +185,6 @@ def estimate_memory(
     The decoder runs on as many images as one decoder call takes (see
     `generation.DECODE_PIXELS`); `encode` counts one encoder pass as well (--init).
     """
-    from sundae_cli.generation import DECODE_PIXELS
-
     recipe = choice.recipe
     factor, window = recipe.downsample_factor, recipe.grid
     width = int(getattr(recipe.prior.config, "width", 1024))
@@ -202,8 +201,6 @@ def estimate_memory(
 
 def check_memory(estimate: MemoryEstimate, device: str, hint: str) -> None:
     """Refuse (exit 2) a run whose estimate exceeds the device's available memory."""
-    from sundae_cli.devices import resolve_device
-
     target = resolve_device(device)
     available = available_memory(target)
     log.debug(
@@ -253,8 +250,6 @@ def canvas_logits_fn(
 
 def _init_start(models: GenerationModels, path: Path, grid, strength: float):
     """The `Job.start` of --init: the encoded image, perturbed per sample."""
-    from sundae_cli.images import fit_to, load_rgb, to_tensor
-
     factor = models.factor
     image = fit_to(load_rgb(path), (grid[0] * factor, grid[1] * factor))
     with torch.inference_mode():
@@ -321,8 +316,8 @@ def prepare_run(options: GenerationOptions, kind: str, **outputs: bool) -> Prior
 
 
 def batch_size(options: GenerationOptions, choice: PriorChoice) -> int:
-    """--batch-size, else the recipe's `sampling.batch_size`."""
-    return options.batch_size or choice.recipe.sampling.batch_size
+    """--batch-size (else the recipe's `sampling.batch_size`), at most -n."""
+    return min(options.batch_size or choice.recipe.sampling.batch_size, options.count)
 
 
 def make_job(
@@ -379,7 +374,7 @@ def sample(options: SampleOptions) -> JobResult:
 
 
 def _canvas_plan(options: GenerateOptions, choice: PriorChoice) -> tuple[int, int]:
-    """Validate --size/--resolution, --overlap and --strength; the canvas grid."""
+    """Validate --strength and --size/--resolution; the canvas grid (h, w)."""
     if not 0.0 <= options.strength <= 1.0:
         raise InputError(
             f"--strength must be in [0, 1], got {options.strength}",
@@ -387,9 +382,7 @@ def _canvas_plan(options: GenerateOptions, choice: PriorChoice) -> tuple[int, in
         )
     recipe = choice.recipe
     size = requested_size(recipe, options.size, options.resolution)
-    grid = canvas_grid(size, recipe.downsample_factor)
-    window_positions(grid, recipe.grid, options.overlap)  # checks --overlap
-    return grid
+    return canvas_grid(size, recipe.downsample_factor)
 
 
 def generate(options: GenerateOptions) -> JobResult:
@@ -399,9 +392,9 @@ def generate(options: GenerateOptions) -> JobResult:
     encode = options.init is not None
     estimate = estimate_memory(choice, batch_size(options, choice), grid, encode)
     check_memory(estimate, options.device, "choose a smaller --size or --batch-size")
-    models = load_models(choice, options.autoencoder, options.device)
     window = choice.recipe.grid
-    windows = len(window_positions(grid, window, options.overlap))
+    windows = len(window_positions(grid, window, options.overlap))  # --overlap
+    models = load_models(choice, options.autoencoder, options.device)
     log.info("canvas %dx%d tokens, %d window(s) of %dx%d", *grid, windows, *window)
     logits_fn = canvas_logits_fn(prior_logits_fn(models), grid, window, options.overlap)
     start = None

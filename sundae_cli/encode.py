@@ -3,8 +3,11 @@
 Every image is fitted to the autoencoder's training canvas with the one centre-crop
 policy of `sundae_cli.images`, encoded as is and (unless `flip=False`) flipped
 horizontally, and appended to the latent file with its source index, flip flag and
-optional class label (the first sub-folder). Memory stays bounded: images are decoded
-a batch at a time by a background loader, and the writer flushes after each batch.
+optional class label (the first sub-folder). Each image passes through the encoder
+on its own (`encode_each`), so its tokens never depend on `--batch-size`. Memory
+stays bounded: images are decoded a batch at a time by a background loader, and the
+writer flushes after each batch. A folder is scanned (every file decoded once) only
+once: the command hands its scan to `encode_folder`.
 The file is written under a temporary name, renamed at the end, and an interrupted
 encode resumes where it stopped (see `sundae_cli.latents.LatentWriter`).
 """
@@ -19,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sundae_cli.errors import DataError
-from sundae_cli.images import fit_to, load_rgb, scan_folder, to_tensor
+from sundae_cli.errors import DataError, SundaeError
+from sundae_cli.images import FolderScan, fit_to, load_rgb, scan_folder, to_tensor
 from sundae_cli.latents import LatentWriter
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,20 @@ def class_labels(files: list[Path], root: Path) -> tuple[list[int], list[str]]:
     return [index[p[0]] for p in parts], names
 
 
+@dataclass
+class _Job:
+    """What an encode needs besides the writer: the model, the files, the policy."""
+
+    model: Any
+    files: list[Path]
+    labels: list[int]
+    size: tuple[int, int]
+    flip: bool
+    batch_size: int
+    num_workers: int
+    device: torch.device
+
+
 def encode_folder(
     folder: Path,
     out: Path,
@@ -83,12 +100,17 @@ def encode_folder(
     strict: bool = False,
     num_workers: int = 1,
     device: torch.device | None = None,
+    scan: FolderScan | None = None,
 ) -> EncodeResult:
     """Encode every image under `folder` into the HDF5 file `out`.
 
-    `loaded` is a `sundae_cli.models.LoadedModel` of kind "autoencoder".
+    `loaded` is a `sundae_cli.models.LoadedModel` of kind "autoencoder". `scan` is
+    the folder's `scan_folder` result when the caller already has it (scanning
+    decodes every file once, so it is not repeated). A failed write raises
+    `SundaeError` naming the file and the OS error; the partial file stays resumable.
     """
-    scan = scan_folder(folder, strict=strict)
+    if scan is None:
+        scan = scan_folder(folder, strict=strict)
     log.info("%s: %s", folder, scan.summary())
     files = [Path(f) for f in scan.files]
     labels, names = (
@@ -109,56 +131,50 @@ def encode_folder(
         class_names=names or None,
         overwrite=overwrite,
     )
+    device = device or next(model.parameters()).device
+    job = _Job(model, files, labels, size, flip, batch_size, num_workers, device)
+    try:
+        return _fill(writer, scan, job)
+    except OSError as err:
+        raise SundaeError(
+            f"could not write {writer.partial_path}: {err.strerror or err}",
+            hint="free disk space (or fix permissions) and run the same command "
+            "again: it resumes from the last complete batch",
+        ) from err
+
+
+def _fill(writer: LatentWriter, scan: FolderScan, job: _Job) -> EncodeResult:
+    """Skip what the writer already holds, encode the rest, finish the file."""
     with writer:
         for path, reason in scan.skipped:
             writer.record_skipped(str(path), reason)
         resumed = writer.sources_done
         done = writer.done_paths()
-        todo = [i for i, f in enumerate(files) if str(f) not in done]
+        todo = [i for i, f in enumerate(job.files) if str(f) not in done]
         if resumed:
-            log.info("resuming: %d of %d images already encoded", resumed, len(files))
-        _stream(
-            writer,
-            model,
-            files,
-            todo,
-            labels,
-            size,
-            flip,
-            batch_size,
-            num_workers,
-            device or next(model.parameters()).device,
-        )
+            log.info(
+                "resuming: %d of %d images already encoded", resumed, len(job.files)
+            )
+        _stream(writer, job, todo)
         sources, items = writer.sources_done, writer.items_done
         skipped = len(writer.skipped_files)
         return EncodeResult(writer.finish(), sources, items, skipped, resumed)
 
 
-def _stream(
-    writer: LatentWriter,
-    model: Any,
-    files: list[Path],
-    todo: list[int],
-    labels: list[int],
-    size: tuple[int, int],
-    flip: bool,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-) -> None:
-    """Decode, encode and append `todo` (indices into `files`) batch by batch."""
+def _stream(writer: LatentWriter, job: _Job, todo: list[int]) -> None:
+    """Decode, encode and append `todo` (indices into `job.files`) batch by batch."""
     from sundae_cli.training import Progress
 
-    dataset = _FittedImages([files[i] for i in todo], size)
+    files = job.files
     loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
+        _FittedImages([files[i] for i in todo], job.size),
+        batch_size=job.batch_size,
+        num_workers=job.num_workers,
         collate_fn=_collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=job.device.type == "cuda",
     )
-    with Progress(len(files), len(files) - len(todo), "encode", True) as progress:
-        done = len(files) - len(todo)
+    done = len(files) - len(todo)
+    with Progress(len(files), done, "encode", True) as progress:
         for batch in loader:
             good = [(todo[pos], image) for pos, image, _ in batch if image is not None]
             for pos, image, reason in batch:
@@ -166,38 +182,46 @@ def _stream(
                     log.warning("skipping %s: %s", files[todo[pos]], reason)
                     writer.record_skipped(str(files[todo[pos]]), reason)
             if good:
-                _append(writer, model, files, good, labels, flip, device)
+                _append(writer, job, good)
             done += len(batch)
             progress.update(done, f"{writer.items_done} grids")
 
 
 @torch.no_grad()
+def encode_each(model: Any, images: torch.Tensor) -> torch.Tensor:
+    """(b, 3, H, W) float in [-1, 1] -> (b, h, w) int64 tokens, one image per forward.
+
+    Convolution libraries choose their kernels, and so their summation order, by
+    batch size: a batched forward moves latents by about 1e-6, enough to flip a
+    nearest-code tie. A forward per image keeps every token independent of
+    `--batch-size`, of the neighbouring images and of where a resumed run restarts;
+    on the CPU it costs little at realistic sizes, on a GPU it under-uses the device.
+    """
+    return torch.cat([model.encode(image[None]) for image in images])
+
+
+@torch.no_grad()
 def _append(
-    writer: LatentWriter,
-    model: Any,
-    files: list[Path],
-    good: list[tuple[int, torch.Tensor]],
-    labels: list[int],
-    flip: bool,
-    device: torch.device,
+    writer: LatentWriter, job: _Job, good: list[tuple[int, torch.Tensor]]
 ) -> None:
     """Encode one batch (and its mirror image) and append it to the writer."""
-    images = torch.stack([image for _, image in good]).to(device)  # (b, 3, H, W)
-    tokens = [model.encode(images).cpu().numpy()]
+    images = torch.stack([image for _, image in good]).to(job.device)  # (b, 3, H, W)
+    tokens = [encode_each(job.model, images).cpu().numpy()]
     flags = [np.zeros(len(good), dtype=bool)]
-    if flip:
-        tokens.append(model.encode(torch.flip(images, dims=[3])).cpu().numpy())
+    if job.flip:
+        mirrored = torch.flip(images, dims=[3])
+        tokens.append(encode_each(job.model, mirrored).cpu().numpy())
         flags.append(np.ones(len(good), dtype=bool))
     first = writer.sources_done
     source_index = np.arange(first, first + len(good), dtype=np.int64)
     copies = len(tokens)
     batch_labels = None
     if writer.with_labels:
-        batch_labels = np.tile([labels[i] for i, _ in good], copies)
+        batch_labels = np.tile([job.labels[i] for i, _ in good], copies)
     writer.append(
         np.concatenate(tokens),
         np.tile(source_index, copies),
         np.concatenate(flags),
         batch_labels,
-        source_paths=[str(files[i]) for i, _ in good],
+        source_paths=[str(job.files[i]) for i, _ in good],
     )

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,21 @@ import torch
 from PIL import Image
 
 from sundae_cli.checkpoints import META, read_meta
+from sundae_cli.devices import autocast, resolve_device, resolve_precision
 from sundae_cli.errors import CheckpointError, InputError
 from sundae_cli.fsutil import atomic_path, write_text_atomic
 from sundae_cli.images import make_grid, save_png_atomic, to_image
-from sundae_cli.models import LoadedModel
+from sundae_cli.models import (
+    LoadedModel,
+    autoencoder_for_prior,
+    describe,
+    load_autoencoder_checked,
+    load_checkpoint,
+    resolve_prior_ref,
+)
 from sundae_cli.recipes import Recipe, SamplingSection, recipe_from_dict
 from sundae_cli.sampler import LogitsFn, SamplerSettings, derive_seed, sample_tokens
+from sundae_cli.training import Progress
 
 log = logging.getLogger(__name__)
 
@@ -81,25 +90,14 @@ def sampler_settings(section: SamplingSection, **overrides: Any) -> SamplerSetti
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"unknown sampler settings: {unknown}")
-    values: dict[str, Any] = {
-        "steps": section.steps,
-        "temperature": tuple(section.temperature),
-        "proportion": tuple(section.proportion),
-        "top_k": section.top_k,
-        "update": section.update,
-        "min_steps": section.min_steps,
-        "early_stop": section.early_stop,
-    }
+    values = section.model_dump(exclude={"batch_size"})
     values.update({key: value for key, value in overrides.items() if value is not None})
     return SamplerSettings(**values)
 
 
 def settings_record(settings: SamplerSettings) -> dict[str, Any]:
-    """Sampler settings as JSON-ready values, for sidecars."""
-    record = {item.name: getattr(settings, item.name) for item in fields(settings)}
-    record["temperature"] = list(settings.temperature)
-    record["proportion"] = list(settings.proportion)
-    return record
+    """Sampler settings as JSON-ready values (pairs as lists), for sidecars."""
+    return json.loads(json.dumps(asdict(settings)))
 
 
 # --------------------------------------------------------------- models
@@ -120,8 +118,6 @@ class PriorChoice:
 
 def choose_prior(model: str | Path | None) -> PriorChoice:
     """Resolve `--model` (default: newest prior run, else the bundled model)."""
-    from sundae_cli.models import resolve_prior_ref
-
     ckpt, bundled = resolve_prior_ref(model)
     recipe = recipe_from_dict(read_meta(ckpt)["recipe"], source=str(ckpt / META))
     return PriorChoice(ckpt, bundled, recipe)
@@ -138,11 +134,6 @@ class GenerationModels:
     bundled: bool = False
 
     @property
-    def grid(self) -> tuple[int, int]:
-        """The prior's native token grid (h, w)."""
-        return self.prior.recipe.grid
-
-    @property
     def codebook_size(self) -> int:
         return int(self.autoencoder.model.codebook_size)
 
@@ -152,16 +143,14 @@ class GenerationModels:
 
     def record(self) -> dict[str, Any]:
         """Run names, steps and sha256s of both models, for sidecars."""
+        pairs = (("prior", self.prior), ("autoencoder", self.autoencoder))
         return {
             kind: {
-                "run": loaded.run_path.name,
-                "step": loaded.meta.get("step"),
-                "sha256": loaded.sha256,
+                "run": m.run_path.name,
+                "step": m.meta.get("step"),
+                "sha256": m.sha256,
             }
-            for kind, loaded in (
-                ("prior", self.prior),
-                ("autoencoder", self.autoencoder),
-            )
+            for kind, m in pairs
         }
 
 
@@ -169,14 +158,6 @@ def load_models(
     choice: PriorChoice, autoencoder: str | Path | None, device: str
 ) -> GenerationModels:
     """Load the prior and its autoencoder (checked against each other) on `device`."""
-    from sundae_cli.devices import resolve_device, resolve_precision
-    from sundae_cli.models import (
-        autoencoder_for_prior,
-        describe,
-        load_autoencoder_checked,
-        load_checkpoint,
-    )
-
     target = resolve_device(device)
     prior = load_checkpoint(choice.checkpoint, "prior", target)
     if autoencoder is None:
@@ -193,13 +174,10 @@ def load_models(
 
 def check_pair(prior: LoadedModel, autoencoder: LoadedModel) -> None:
     """Refuse an autoencoder whose codebook or grid is not what the prior learned."""
+    model, recipe = autoencoder.model, prior.recipe
     pairs = [
-        ("codebook size", prior.recipe.codebook_size, autoencoder.model.codebook_size),
-        (
-            "downsampling factor",
-            prior.recipe.downsample_factor,
-            autoencoder.model.downsample_factor,
-        ),
+        ("codebook size", recipe.codebook_size, model.codebook_size),
+        ("downsampling factor", recipe.downsample_factor, model.downsample_factor),
     ]
     for what, wanted, got in pairs:
         if int(wanted) != int(got):
@@ -212,8 +190,6 @@ def check_pair(prior: LoadedModel, autoencoder: LoadedModel) -> None:
 
 def prior_logits_fn(models: GenerationModels) -> LogitsFn:
     """The prior as the sampler's logits function, under the recipe's precision."""
-    from sundae_cli.devices import autocast
-
     model, device, dtype = models.prior.model, models.device, models.dtype
 
     def logits_fn(tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -263,8 +239,7 @@ def planned_outputs(
 
 def refuse_existing(paths: list[Path], overwrite: bool) -> None:
     """Raise `InputError` if any planned output exists (unless `overwrite`)."""
-    folders = {path.parent for path in paths}
-    for folder in sorted(folders):
+    for folder in {path.parent for path in paths}:
         if folder.exists() and not folder.is_dir():
             raise InputError(f"--out {folder} is a file", hint="pass a folder to --out")
     existing = [path for path in paths if path.exists()]
@@ -414,8 +389,6 @@ def _write_batch(
 
 def run_job(models: GenerationModels, job: Job) -> JobResult:
     """Sample, decode and write `job.count` images in batches of `job.batch_size`."""
-    from sundae_cli.training import Progress
-
     started = time.perf_counter()
     paths: list[Path] = []
     steps_used: list[int] = []

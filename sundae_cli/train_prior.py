@@ -53,6 +53,7 @@ class PriorSetup:
     train_indices: Any
     val_indices: Any
     autoencoder: dict[str, Any]
+    compile_model: bool = False  # torch.compile the prior network (`--compile`)
 
 
 def open_checked_latents(recipe: Recipe, path: Path) -> LatentFile:
@@ -119,6 +120,7 @@ class PriorTrainer:
             ResumableStream,
             build_optimizer,
             build_scheduler,
+            compile_modules,
         )
 
         self.setup, self.run = setup, run
@@ -129,6 +131,8 @@ class PriorTrainer:
             recipe.prior.config, codebook_size=recipe.codebook_size
         )
         self.model.to(setup.device)
+        if setup.compile_model:
+            compile_modules([self.model], setup.device)
         self.objective = distributed.wrap(
             UnrolledObjective(self.model, recipe), setup.dist, setup.device
         )
@@ -177,25 +181,24 @@ class PriorTrainer:
         self.stream.position = DataPosition(**state["data"])
 
     def train_step(self, batches: Any) -> dict[str, float]:
-        """One optimiser step over `accumulate` micro-batches; returns metrics."""
-        from sundae_cli.devices import autocast
-        from sundae_cli.training import check_finite
+        """One optimiser step over `accumulate` micro-batches; returns metrics.
 
-        setup, section = self.setup, self.section
+        Under DDP only the last micro-batch's backward all-reduces the gradients
+        (`no_sync` for the others), and a non-finite loss on any rank stops every
+        rank before its backward pass.
+        """
+        from sundae_cli.distributed import no_sync
+
+        section = self.section
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro in range(section.accumulate):
-            tokens, labels = next(batches)
-            tokens = tokens.to(setup.device, non_blocking=True)
-            labels = self._labels(labels.to(setup.device, non_blocking=True))
-            seed = step_seed(setup.recipe.seed, setup.dist.rank, self.step, micro)
-            with autocast(setup.device, setup.dtype):
-                loss, metrics = self.objective(tokens, labels, seed)
-            bad = check_finite(self.step, {"sundae_loss": loss})
-            if bad:
-                return {"nonfinite": 1.0, "term": bad}
-            (loss / section.accumulate).backward()
+            last_micro = micro == section.accumulate - 1
+            with no_sync(self.objective, sync=last_micro):
+                metrics = self._micro_step(next(batches), micro)
+            if "nonfinite" in metrics:
+                return metrics
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / section.accumulate
         if section.grad_clip > 0:
@@ -208,6 +211,24 @@ class PriorTrainer:
         self.ema.update(self.model)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         return totals
+
+    def _micro_step(self, batch: Any, micro: int) -> dict[str, Any]:
+        """Forward and backward of one micro-batch, the loss scaled for accumulation."""
+        from sundae_cli.devices import autocast
+        from sundae_cli.training import agreed_nonfinite
+
+        setup = self.setup
+        tokens, labels = batch
+        tokens = tokens.to(setup.device, non_blocking=True)
+        labels = self._labels(labels.to(setup.device, non_blocking=True))
+        seed = step_seed(setup.recipe.seed, setup.dist.rank, self.step, micro)
+        with autocast(setup.device, setup.dtype):
+            loss, metrics = self.objective(tokens, labels, seed)
+        bad = agreed_nonfinite({"sundae_loss": loss}, setup)
+        if bad:
+            return {"nonfinite": 1.0, "term": bad}
+        (loss / self.section.accumulate).backward()
+        return metrics
 
     def _labels(self, labels: torch.Tensor) -> torch.Tensor | None:
         return labels if self.setup.recipe.prior.config.num_classes else None
@@ -424,13 +445,22 @@ def train_prior(
     latents: Path | None = None,
     out: Path | None = None,
     resume: str | None = None,
+    compile_model: bool = False,
 ) -> PriorResult:
-    """Train (or resume) a prior run; returns where it is and its last metrics."""
+    """Train (or resume) a prior run; returns where it is and its last metrics.
+
+    Under torchrun every rank calls this; only rank 0 creates the run directory
+    and writes into it, while every rank reads the checkpoint of a resumed run.
+    `compile_model` applies `torch.compile` to the prior network.
+    """
     from sundae_cli import distributed
 
     setup = prepare(recipe, Path(latents or recipe.latents.path))
+    setup.compile_model = compile_model
     try:
-        run, state = open_run(setup, out, resume)
+        run, state = distributed.on_all_ranks(
+            lambda: open_run(setup, out, resume), setup.dist, setup.device
+        )
         trainer = PriorTrainer(setup, run)
         if state is not None:
             trainer.load_state(state)

@@ -13,6 +13,14 @@ every `eval_every` steps next to a reconstruction grid.
 Deviation: the discriminator sees real and reconstructed images in one concatenated
 batch (taming calls it twice), so batch-norm statistics mix both halves and DDP sees
 a single forward per backward.
+
+Under torchrun (DDP) the autoencoder and the discriminator each have a DDP wrapper.
+The generator pass calls the bare discriminator with its parameters frozen, so it
+never enters the discriminator's DDP reducer; the discriminator's own step goes
+through its wrapper, only once `disc_start` is reached. The adaptive GAN weight takes
+`torch.autograd.grad` at the decoder's last layer, which runs no DDP hooks; the
+gradient all-reduce happens once, in the backward of the total loss. On CUDA the
+discriminator's BatchNorm becomes SyncBatchNorm (see `distributed.sync_batchnorm`).
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ from sundae_cli.training import (
     ResumableStream,
     build_optimizer,
     capture_rng,
-    check_finite,
     restore_rng,
 )
 
@@ -56,6 +63,10 @@ class VQSetup:
     train_files: list[Path]
     val_files: list[Path]
     perceptual_weights: Path | None
+    compile_model: bool = False  # torch.compile encoder and decoder (`--compile`)
+    # The objective, built before the run directory exists: a bad perceptual
+    # weights file then fails without leaving an empty run behind.
+    loss: Any = None
 
 
 def prepare(
@@ -73,6 +84,9 @@ def prepare(
             "no image folder given",
             hint="pass --data DIR or set data.dir in the recipe",
         )
+    # Join torchrun first, so that only rank 0 logs what the scan found.
+    device = resolve_device(recipe.device)
+    dist, device = distributed.setup(device)
     scan = scan_folder(folder)
     log.info("%s: %s", folder, scan.summary())
     files = [Path(f) for f in scan.files]
@@ -82,8 +96,6 @@ def prepare(
             f"{folder}: no training images left after the validation split",
             hint="add images or lower data.val_fraction",
         )
-    device = resolve_device(recipe.device)
-    dist, device = distributed.setup(device)
     dtype = resolve_precision(recipe.precision, device)
     torch.manual_seed(recipe.seed + dist.rank)
     weights = perceptual_weights or recipe.train.vqgan.perceptual_weights
@@ -129,6 +141,7 @@ class VQTrainer:
         from sundae_cli import distributed
         from sundae_cli.images import ImageFolderDataset
         from sundae_cli.plugins import get_autoencoder_backend
+        from sundae_cli.training import compile_modules
         from sundae_vqgan.losses import build_discriminator
 
         self.setup, self.run = setup, run
@@ -136,12 +149,18 @@ class VQTrainer:
         self.section = recipe.train.vqgan
         config = recipe.autoencoder.config
         self.model = get_autoencoder_backend(recipe.autoencoder.backend).build(config)
-        self.discriminator = build_discriminator(config)
+        self.discriminator = distributed.sync_batchnorm(
+            build_discriminator(config), setup.dist, setup.device
+        )
         self.model.to(setup.device)
         self.discriminator.to(setup.device)
+        if setup.compile_model:
+            # Encoder and decoder apart: the quantizer's nearest-code search and
+            # codebook bookkeeping stay eager.
+            compile_modules([self.model.encoder, self.model.decoder], setup.device)
         self.model_ddp = distributed.wrap(self.model, setup.dist, setup.device)
         self.disc_ddp = distributed.wrap(self.discriminator, setup.dist, setup.device)
-        self.loss = build_loss(setup)
+        self.loss = setup.loss if setup.loss is not None else build_loss(setup)
         self.opt_ae = build_optimizer(self.model.parameters(), self.section)
         self.opt_disc = build_optimizer(self.discriminator.parameters(), self.section)
         dataset = ImageFolderDataset(
@@ -181,34 +200,70 @@ class VQTrainer:
         self.discriminator.load_state_dict(state["discriminator"])
         self.opt_ae.load_state_dict(state["opt_ae"])
         self.opt_disc.load_state_dict(state["opt_disc"])
+        # The saved param groups carry the old rate; a rate changed in the recipe
+        # (warned about by check_resume_recipe) applies from here on.
+        for optimizer in (self.opt_ae, self.opt_disc):
+            for group in optimizer.param_groups:
+                group["lr"] = self.section.learning_rate
         self.step = int(state["step"])
         restore_rng(state["rng"])
         self.stream.position = DataPosition(**state["data"])
 
     def train_step(self, batches: Any) -> dict[str, float]:
-        """One step of each network (the discriminator once it has started)."""
-        from sundae_cli.devices import autocast
+        """One step of each network (the discriminator once it has started).
 
-        setup = self.setup
-        images = next(batches).to(setup.device, non_blocking=True)
+        Gradients of `accumulate` micro-batches add up before each optimiser steps;
+        under DDP only the last micro-batch all-reduces them (`no_sync`).
+        """
+        section = self.section
         self.model.train()
-        with autocast(setup.device, setup.dtype):
-            reconstructions, codebook_loss, indices = self.model_ddp(images)
-            total, terms = self._generator_loss(images, reconstructions, codebook_loss)
-        bad = check_finite(self.step, {"total": total, **terms})
-        if bad:
-            return {"nonfinite": 1.0, "term": bad}  # type: ignore[dict-item]
         self.opt_ae.zero_grad(set_to_none=True)
-        total.backward()
+        self.opt_disc.zero_grad(set_to_none=True)
+        disc_on = self.loss.discriminator_active(self.step)
+        totals: dict[str, float] = {}
+        for micro in range(section.accumulate):
+            sync = micro == section.accumulate - 1
+            terms = self._micro_step(next(batches), sync, disc_on)
+            if "nonfinite" in terms:
+                return terms
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + value / section.accumulate
+        # The discriminator's update used reconstructions made before this one, as
+        # when the autoencoder steps first (taming's order).
         self._clip(self.model)
         self.opt_ae.step()
-        if self.loss.discriminator_active(self.step):
-            d_terms = self._discriminator_step(images, reconstructions.detach())
+        if disc_on:
+            self._clip(self.discriminator)
+            self.opt_disc.step()
+        return totals
+
+    def _micro_step(self, images: Any, sync: bool, disc_on: bool) -> dict[str, Any]:
+        """Generator (and discriminator) forward and backward of one micro-batch."""
+        from sundae_cli.devices import autocast
+        from sundae_cli.distributed import no_sync
+        from sundae_cli.training import agreed_nonfinite
+
+        setup = self.setup
+        images = images.to(setup.device, non_blocking=True)
+        with no_sync(self.model_ddp, sync):
+            with autocast(setup.device, setup.dtype):
+                reconstructions, codebook_loss, _ = self.model_ddp(images)
+                total, terms = self._generator_loss(
+                    images, reconstructions, codebook_loss
+                )
+            # The terms first, so a failure names the one that broke, not "total".
+            bad = agreed_nonfinite({**terms, "total": total}, setup)
+            if bad:
+                return {"nonfinite": 1.0, "term": bad}
+            (total / self.section.accumulate).backward()
+        reconstructions = reconstructions.detach()
+        if disc_on:
+            d_terms = self._discriminator_pass(images, reconstructions, sync)
             if "nonfinite" in d_terms:
                 return d_terms
             terms.update(d_terms)
         terms["loss"] = float(total.detach())
-        terms["psnr_batch"] = psnr(images, reconstructions.detach())
+        terms["psnr_batch"] = psnr(images, reconstructions)
         return terms
 
     def _generator_loss(self, images, reconstructions, codebook_loss):
@@ -227,20 +282,24 @@ class VQTrainer:
         finally:
             self.discriminator.requires_grad_(True)
 
-    def _discriminator_step(self, images, reconstructions) -> dict[str, Any]:
+    def _discriminator_pass(
+        self, images: torch.Tensor, reconstructions: torch.Tensor, sync: bool
+    ) -> dict[str, Any]:
+        """Hinge loss of the discriminator (through its DDP wrapper) and backward."""
         from sundae_cli.devices import autocast
+        from sundae_cli.distributed import no_sync
+        from sundae_cli.training import agreed_nonfinite
         from sundae_vqgan.losses import hinge_d_loss
 
-        with autocast(self.setup.device, self.setup.dtype):
-            logits = self.disc_ddp(torch.cat([images, reconstructions]))
-            real, fake = logits.float().chunk(2)
-            d_loss = hinge_d_loss(real, fake)
-        if check_finite(self.step, {"d_loss": d_loss}):
-            return {"nonfinite": 1.0, "term": "d_loss"}
-        self.opt_disc.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self._clip(self.discriminator)
-        self.opt_disc.step()
+        with no_sync(self.disc_ddp, sync):
+            with autocast(self.setup.device, self.setup.dtype):
+                logits = self.disc_ddp(torch.cat([images, reconstructions]))
+                real, fake = logits.float().chunk(2)
+                d_loss = hinge_d_loss(real, fake)
+            bad = agreed_nonfinite({"d_loss": d_loss}, self.setup)
+            if bad:
+                return {"nonfinite": 1.0, "term": bad}
+            (d_loss / self.section.accumulate).backward()
         return {"d_loss": float(d_loss.detach())}
 
     def _clip(self, module: torch.nn.Module) -> None:
@@ -260,13 +319,16 @@ def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(trainer: VQTrainer) -> tuple[dict[str, float], Any]:
-    """Held-out PSNR (centre crops, no flips) and a reconstruction grid image."""
-    from sundae_cli.images import fit_to, load_rgb, make_grid, to_tensor
+    """Held-out PSNR (centred views, no flips) and a reconstruction grid image."""
+    from sundae_cli.images import load_rgb, make_grid, to_tensor
 
     setup = trainer.setup
     files = setup.val_files[:EVAL_IMAGES] or setup.train_files[:EVAL_IMAGES]
     size = tuple(setup.recipe.data.image_size)
-    images = torch.stack([to_tensor(fit_to(load_rgb(f), size)) for f in files])
+    crop = setup.recipe.data.crop
+    images = torch.stack(
+        [to_tensor(held_out_view(load_rgb(f), size, crop)) for f in files]
+    )
     trainer.model.eval()
     reconstructions = []
     for chunk in images.split(trainer.section.batch_size):
@@ -275,6 +337,22 @@ def evaluate(trainer: VQTrainer) -> tuple[dict[str, float], Any]:
     key = "val_psnr" if setup.val_files else "train_psnr"
     grid = make_grid(torch.cat([images[:8], recon[:8]]), ncols=min(8, len(files)))
     return {key: psnr(images, recon)}, grid
+
+
+def held_out_view(img: Any, size: tuple[int, int], crop: str) -> Any:
+    """The deterministic view of an image that evaluation measures.
+
+    Under `crop="patch"` training sees native-scale patches, so evaluation takes the
+    centre patch at native scale (an image smaller than `size` is fitted, as in
+    training); otherwise the image is scaled to cover `size` and centre-cropped.
+    """
+    from sundae_cli.images import fit_to
+
+    height, width = size
+    if crop == "patch" and img.width >= width and img.height >= height:
+        left, top = (img.width - width) // 2, (img.height - height) // 2
+        return img.crop((left, top, left + width, top + height))
+    return fit_to(img, size)
 
 
 def save(trainer: VQTrainer) -> Path:
@@ -296,7 +374,7 @@ def save(trainer: VQTrainer) -> Path:
         "recipe": setup.recipe.to_dict(),
         "backend": setup.recipe.autoencoder.backend,
         "world_size": setup.dist.world_size,
-        "effective_batch": trainer.section.batch_size * setup.dist.world_size,
+        "effective_batch": effective_batch(setup),
         "perceptual": trainer.loss.perceptual is not None,
     }
     trainer.last_checkpoint = save_checkpoint(
@@ -308,6 +386,12 @@ def save(trainer: VQTrainer) -> Path:
         keep=trainer.section.keep_checkpoints,
     )
     return trainer.last_checkpoint
+
+
+def effective_batch(setup: VQSetup) -> int:
+    """Images per optimiser step: per-process batch x processes x accumulation."""
+    section = setup.recipe.train.vqgan
+    return section.batch_size * section.accumulate * setup.dist.world_size
 
 
 def periodic(trainer: VQTrainer, window: list[dict[str, float]]) -> dict | None:
@@ -388,7 +472,7 @@ def open_run(
     info = {
         "backend": recipe.autoencoder.backend,
         "world_size": setup.dist.world_size,
-        "effective_batch": recipe.train.vqgan.batch_size * setup.dist.world_size,
+        "effective_batch": effective_batch(setup),
     }
     return create_run(STAGE, recipe.name, info, out), None
 
@@ -400,15 +484,25 @@ def train_vqgan(
     out: Path | None = None,
     resume: str | None = None,
     perceptual_weights: Path | None = None,
+    compile_model: bool = False,
 ) -> VQResult:
-    """Train (or resume) an autoencoder run on an image folder."""
+    """Train (or resume) an autoencoder run on an image folder.
+
+    Under torchrun every rank calls this; only rank 0 creates the run directory
+    and writes into it, while every rank reads the checkpoint of a resumed run.
+    `compile_model` applies `torch.compile` to the encoder and the decoder.
+    """
     from sundae_cli import distributed
     from sundae_cli.recipes import to_toml
     from sundae_cli.training import run_steps
 
     setup = prepare(recipe, data, perceptual_weights)
+    setup.compile_model = compile_model
     try:
-        run, state = open_run(setup, out, resume)
+        setup.loss = build_loss(setup)
+        run, state = distributed.on_all_ranks(
+            lambda: open_run(setup, out, resume), setup.dist, setup.device
+        )
         trainer = VQTrainer(setup, run)
         if state is not None:
             trainer.load_state(state)
@@ -446,10 +540,11 @@ def _announce(trainer: VQTrainer) -> None:
         setup.device,
     )
     log.info(
-        "effective batch %d (per-process %d x %d processes); discriminator from step "
-        "%d",
-        trainer.section.batch_size * setup.dist.world_size,
+        "effective batch %d (per-process %d x %d processes x %d accumulation); "
+        "discriminator from step %d",
+        effective_batch(setup),
         trainer.section.batch_size,
         setup.dist.world_size,
+        trainer.section.accumulate,
         trainer.section.disc_start,
     )

@@ -7,6 +7,7 @@ the comparison of a resumed run's recipe against the one it was started with.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sundae_cli.errors import CheckpointError, Interrupted, TrainingError
+from sundae_cli.errors import CheckpointError, InputError, Interrupted, TrainingError
 
 if TYPE_CHECKING:
     import torch
@@ -97,6 +98,33 @@ class EMA:
         for name, tensor in state.items():
             self.shadow[name].copy_(tensor)
         self.updates = updates
+
+
+def compile_modules(modules: list[torch.nn.Module], device: torch.device) -> None:
+    """`torch.compile` each module in place (`Module.compile`: state-dict keys stay).
+
+    On the CPU torch.compile generates C++; a missing compiler is reported here
+    rather than as a long traceback at the first step.
+    """
+    if device.type == "cpu":
+        _check_cpu_compiler()
+    for module in modules:
+        module.compile()
+    log.info("torch.compile: the first steps are slow while kernels are compiled")
+
+
+def _check_cpu_compiler() -> None:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch without this helper: let torch.compile report
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as exc:
+        raise InputError(
+            f"--compile on the CPU needs a C++ compiler for torch.compile ({exc})",
+            hint="install g++ (or set CXX to a C++ compiler), or drop --compile",
+        ) from exc
 
 
 # ------------------------------------------------------------------ RNG
@@ -301,6 +329,81 @@ class Progress:
         self._bar.update(self._task, completed=step, status=status)
 
 
+# ------------------------------------------------------------------ stopping
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the step loop to stop at the next step boundary.
+
+    The first signal only records its name in `requested`; the ranks agree on it
+    before each step, so every rank stops at the same step and rank 0 writes a
+    checkpoint that resumes exactly. A second SIGINT raises KeyboardInterrupt at once
+    (the checkpoint then repeats the interrupted step's data on resume, but its
+    weights may already hold part of that step). Handlers are installed only in the
+    main thread and restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning(
+            "%s received: stopping after this step (Ctrl-C again to stop at once)",
+            self.requested,
+        )
+
+
+def reseed_step(seed: int, rank: int, step: int) -> None:
+    """Seed torch's global RNG from (seed, rank, step) before each step.
+
+    Dropout and any other draw from the global generator then depend only on where
+    the run stands, so a resumed run repeats them exactly on every rank, although a
+    checkpoint stores only rank 0's RNG state.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8)
+    torch.manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+
+
+def agreed_nonfinite(terms: dict[str, torch.Tensor | float], setup: Any) -> str | None:
+    """Name of the first non-finite term here, or of a failure on another rank.
+
+    Every rank calls this at the same point before its backward pass, so a
+    non-finite loss on one rank makes every rank skip or stop together (a rank that
+    skipped DDP's backward alone would leave the others waiting in its all-reduce).
+    """
+    from sundae_cli.distributed import any_rank
+
+    bad = check_finite(0, terms)
+    if any_rank(bad is not None, setup.dist, setup.device):
+        return bad or "loss on another process"
+    return None
+
+
 # ------------------------------------------------------------------ the loop
 
 
@@ -314,38 +417,112 @@ def run_steps(
 ) -> dict[str, float]:
     """The step loop both stages share.
 
-    `trainer` offers `step`, `section` (steps, nonfinite), `setup` (dist, device),
-    `stream`, `run`, `last_checkpoint` and `train_step(batches) -> metrics`, where
-    metrics holding "nonfinite" name the bad loss term under "term". `periodic(window)`
-    runs on rank 0 after every step and returns a logged record or None; `save()`
-    writes a checkpoint; `status(metrics)` is the progress-bar text.
-    """
-    from sundae_cli.distributed import any_rank
+    `trainer` offers `step`, `section` (steps, accumulate, nonfinite), `setup` (dist,
+    device, recipe), `stream`, `run`, `last_checkpoint` and
+    `train_step(batches) -> metrics`, where metrics holding "nonfinite" name the bad
+    loss term under "term" (every rank must agree; see `agreed_nonfinite`).
+    `periodic(window)` runs on rank 0 after every step and returns a logged record or
+    None; `save()` writes a checkpoint; `status(metrics)` is the progress-bar text.
 
+    Before each step every rank fetches the step's micro-batches, then all ranks
+    agree whether to go on: a stop signal or a data error on any rank stops every
+    rank at this boundary, with a checkpoint from rank 0 (see `sundae_cli.distributed`
+    for failures that cannot be agreed on).
+    """
     setup, section = trainer.setup, trainer.section
     main = setup.dist.is_main
     batches = iter(trainer.stream)
     window: list[dict[str, float]] = []
     last: dict[str, float] = {}
-    with Progress(section.steps, trainer.step, f"train {command}", main) as progress:
-        try:
-            while trainer.step < section.steps:
-                started = time.perf_counter()
-                metrics = trainer.train_step(batches)
-                if any_rank("nonfinite" in metrics, setup.dist, setup.device):
-                    _skip_or_stop(trainer, command, metrics.get("term", "loss"))
-                    continue
-                trainer.step += 1
-                metrics["ms_per_step"] = 1000 * (time.perf_counter() - started)
-                window.append(metrics)
-                progress.update(trainer.step, status(metrics))
-                if main:
+    progress = Progress(section.steps, trainer.step, f"train {command}", main)
+    with progress, StopSignals() as signals:
+        while trainer.step < section.steps:
+            started = time.perf_counter()
+            metrics = _guarded_step(trainer, batches, signals, command, save)
+            if "nonfinite" in metrics:
+                _skip_or_stop(trainer, command, metrics.get("term", "loss"))
+                continue
+            trainer.step += 1
+            metrics["ms_per_step"] = 1000 * (time.perf_counter() - started)
+            window.append(metrics)
+            progress.update(trainer.step, status(metrics))
+            if main:
+                try:
                     last = periodic(window) or last
-        except KeyboardInterrupt:
-            raise _interrupted(trainer, command, save) from None
+                except KeyboardInterrupt:  # a second Ctrl-C during rank 0's work
+                    raise _interrupted(trainer, command, save) from None
     if main and trainer.step > 0:
         save()
     return last
+
+
+def _guarded_step(
+    trainer: Any, batches: Iterator[Any], signals: StopSignals, command: str, save: Any
+) -> dict[str, Any]:
+    """Fetch, agree to go on, run one step; a stop rewinds the data position.
+
+    The checkpoint written on a stop then resumes with this step's batches.
+    """
+    setup = trainer.setup
+    position = copy.copy(trainer.stream.position)
+    try:
+        fetched = _fetch_or_stop(trainer, batches, signals)
+        reseed_step(setup.recipe.seed, setup.dist.rank, trainer.step)
+        return trainer.train_step(iter(fetched))
+    except KeyboardInterrupt:
+        trainer.stream.position = position
+        raise _interrupted(trainer, command, save) from None
+    except _Stop as stop:
+        trainer.stream.position = position
+        raise stop.error(trainer, command, save) from None
+
+
+class _Stop(Exception):
+    """Raised inside the loop when the ranks agreed to stop before a step."""
+
+    def __init__(self, signal_name: str | None, failure: Exception | None) -> None:
+        super().__init__(signal_name or "failure")
+        self.signal_name = signal_name
+        self.failure = failure
+
+    def error(self, trainer: Any, command: str, save: Any) -> BaseException:
+        """Checkpoint on rank 0, then the error this rank exits with."""
+        if self.failure is None and self.signal_name is not None:
+            return _interrupted(trainer, command, save, self.signal_name)
+        where = _save_on_main(trainer, save)
+        if self.failure is not None:
+            if where:
+                log.error("stopped at step %d%s", trainer.step, where)
+            return self.failure
+        return TrainingError(
+            f"another process failed while reading its data before step "
+            f"{trainer.step + 1}{where}",
+            hint="see that process's error; after fixing it continue with "
+            f"`sundae train {command} --resume RUN`",
+        )
+
+
+def _fetch_or_stop(
+    trainer: Any, batches: Iterator[Any], signals: StopSignals
+) -> list[Any]:
+    """This step's micro-batches, unless any rank was signalled or failed to read."""
+    from sundae_cli.distributed import any_ranks
+
+    setup = trainer.setup
+    failure: Exception | None = None
+    fetched: list[Any] = []
+    try:
+        fetched = [next(batches) for _ in range(trainer.section.accumulate)]
+    except Exception as exc:  # agreed on below, then re-raised on this rank
+        failure = exc
+    stop, failed = any_ranks(
+        [signals.requested is not None, failure is not None], setup.dist, setup.device
+    )
+    if failed:
+        raise _Stop(None, failure)
+    if stop:
+        raise _Stop(signals.requested or "SIGINT", None)
+    return fetched
 
 
 def _skip_or_stop(trainer: Any, command: str, term: str) -> None:
@@ -356,12 +533,19 @@ def _skip_or_stop(trainer: Any, command: str, term: str) -> None:
     trainer.step += 1
 
 
-def _interrupted(trainer: Any, command: str, save: Any) -> Interrupted:
-    """Save a checkpoint (rank 0) on Ctrl-C and build the error to exit 130 with."""
-    where = ""
+def _save_on_main(trainer: Any, save: Any) -> str:
     if trainer.setup.dist.is_main and trainer.step > 0:
-        where = f"; checkpoint written to {save()}"
+        return f"; checkpoint written to {save()}"
+    return ""
+
+
+def _interrupted(
+    trainer: Any, command: str, save: Any, signal_name: str = "SIGINT"
+) -> Interrupted:
+    """Save a checkpoint (rank 0) on Ctrl-C and build the error to exit 130 with."""
+    where = _save_on_main(trainer, save)
+    what = "interrupted" if signal_name == "SIGINT" else f"stopped by {signal_name}"
     return Interrupted(
-        f"interrupted at step {trainer.step}{where}",
+        f"{what} at step {trainer.step}{where}",
         hint=f"continue with `sundae train {command} --resume {trainer.run.path}`",
     )

@@ -53,7 +53,7 @@ def encode(
     from sundae_cli.images import scan_folder
     from sundae_cli.models import describe, load_autoencoder
 
-    scan_folder(folder)  # bad folders fail before any model is loaded
+    scan = scan_folder(folder, strict=strict)  # bad folders fail before the model
     target = resolve_device(device)
     loaded = load_autoencoder(model, target)
     typer.echo(f"autoencoder: {describe(loaded)}", err=True)
@@ -68,6 +68,7 @@ def encode(
         strict=strict,
         num_workers=workers,
         device=target,
+        scan=scan,
     )
     result(
         f"{outcome.path}\t{outcome.sources} images\t{outcome.items} grids\t"

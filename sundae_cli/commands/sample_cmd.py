@@ -235,7 +235,10 @@ def generate(
     overlap: Annotated[
         int | None,
         typer.Option(
-            "--overlap", min=0, help="Tokens shared by neighbouring windows (half)."
+            "--overlap",
+            min=0,
+            help="Tokens shared by neighbouring windows (default: half a window; "
+            "0 is fastest).",
         ),
     ] = None,
     init: Annotated[

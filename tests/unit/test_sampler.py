@@ -185,14 +185,17 @@ def test_propose_draws_by_inverse_cdf_with_probabilities():
     probs = torch.tensor([0.2, 0.5, 0.3])
     logits = probs.log().expand(1, 4, 3)
     uniforms = torch.tensor([[0.1, 0.25, 0.69, 0.99]])
-    proposals, confidence = propose(logits, 1.0, None, uniforms)
+    proposals, confidence = propose(logits.clone(), 1.0, None, uniforms)
     assert proposals.tolist() == [[0, 1, 1, 2]]
     assert torch.allclose(confidence, probs[proposals])
-    top, top_confidence = propose(logits, 1.0, 2, uniforms)
+    top, top_confidence = propose(logits.clone(), 1.0, 2, uniforms)
     assert top.tolist() == [[1, 1, 2, 2]]  # 0.5 and 0.3 renormalised
     assert torch.allclose(top_confidence, torch.tensor([[0.625, 0.625, 0.375, 0.375]]))
-    cold, _ = propose(logits, 1e-3, None, uniforms)
+    cold, _ = propose(logits.clone(), 1e-3, None, uniforms)
     assert (cold == 1).all()
+    owned = probs.log().repeat(1, 4, 1)
+    propose(owned, 1.0, None, uniforms)
+    assert not torch.equal(owned, probs.log().repeat(1, 4, 1))  # overwritten in place
 
 
 def test_confidence_mask_updates_the_most_confident_free_positions():

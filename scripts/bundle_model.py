@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Copy a trained autoencoder run and prior run into the package as the bundled model.
+
+    python scripts/bundle_model.py AUTOENCODER_RUN PRIOR_RUN
+
+Writes `sundae_cli/data/models/digits-autoencoder` and `.../digits-prior`: run.json,
+recipe.toml and the newest complete checkpoint's model.safetensors and meta.json (no
+training state, to keep the package small). The prior's record of its autoencoder is
+pointed at the bundled copy; the sha256 that ties them together is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from sundae_cli.checkpoints import META, WEIGHTS, require_checkpoint
+from sundae_cli.models import bundled_models_dir
+
+
+def bundle(run: Path, name: str, autoencoder_name: str | None = None) -> Path:
+    target = bundled_models_dir() / name
+    if target.exists():
+        shutil.rmtree(target)
+    ckpt = require_checkpoint(run)
+    dest = target / "checkpoints" / ckpt.name
+    dest.mkdir(parents=True)
+    shutil.copyfile(ckpt / WEIGHTS, dest / WEIGHTS)
+    meta = json.loads((ckpt / META).read_text())
+    info = json.loads((run / "run.json").read_text())
+    if autoencoder_name is not None:
+        for record in (meta, info):
+            record["autoencoder"] = {**record["autoencoder"], "run": autoencoder_name}
+            record["autoencoder"].pop("latents", None)
+    (dest / META).write_text(json.dumps(meta, indent=2) + "\n")
+    (target / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    shutil.copyfile(run / "recipe.toml", target / "recipe.toml")
+    return target
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit("usage: python scripts/bundle_model.py AUTOENCODER_RUN PRIOR_RUN")
+    autoencoder, prior = Path(sys.argv[1]), Path(sys.argv[2])
+    print(bundle(autoencoder, "digits-autoencoder"))
+    print(bundle(prior, "digits-prior", autoencoder_name="digits-autoencoder"))
+    total = sum(
+        p.stat().st_size for p in bundled_models_dir().rglob("*") if p.is_file()
+    )
+    print(f"bundled models: {total / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
