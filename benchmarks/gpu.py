@@ -180,6 +180,7 @@ def measured(fn: Callable[[], float]) -> tuple[float | None, float]:
 
 def preset_rows(preset: str, args, peak_rate: float) -> list[tuple[str, str, str]]:
     """Table rows of one preset; a measurement that runs out of memory says so."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # one FLOP formula
     from prior_train import train_step_flops
 
     recipe, prior, autoencoder = build_models(preset, args.compile)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from sundae_cli.datasets import digit_cells, in_split
-from sundae_cli.evaluation import FeatureStats, frechet_distance
+from sundae_cli.fid import FeatureStats, frechet_distance
 from sundae_cli.images import fit_to, to_tensor
 from sundae_cli.models import (
     autoencoder_for_prior,
@@ -116,7 +116,7 @@ def report(name: str, probs, features, reference: FeatureStats) -> dict:
     confident = float((probs.max(-1).values >= CONFIDENT).float().mean())
     histogram = np.bincount(probs.argmax(-1).numpy(), minlength=10) / len(probs)
     stats = FeatureStats.of(features)
-    distance = frechet_distance(stats.mean, stats.cov, reference.mean, reference.cov)
+    distance = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
     return {"name": name, "confident": confident, "hist": histogram, "fd": distance}
 
 

@@ -33,11 +33,9 @@ from collections.abc import Callable
 import torch
 
 from sundae_cli.recipes import load_recipe
-from sundae_cli.sampler import (
-    SamplerSettings,
+from sundae_cli.sampler import SamplerSettings, propose, sample_tokens
+from sundae_cli.windows import (
     estimate_sampling_memory,
-    propose,
-    sample_tokens,
     window_positions,
     windowed_logits_fn,
 )

@@ -57,8 +57,35 @@ def ensure_env() -> None:
 def demo() -> None:
     """The main job: samples and an inpainting from the bundled digits model."""
     sundae = BIN / "sundae"
-    run(sundae, "devices")
-    run(sundae, "recipes", "list", cwd=ROOT)
+    samples, inpainted = DEMO_OUT / "samples", DEMO_OUT / "inpaint"
+    run(
+        sundae, "sample", "-n", "64", "--model", "bundled", "--grid",
+        "--out", samples, "--overwrite",
+    )  # fmt: skip
+    examples = ROOT / "examples"
+    run(
+        sundae, "inpaint", examples / "digit.png", examples / "mask.png",
+        "-n", "8", "--model", "bundled", "--out", inpainted, "--overwrite",
+    )  # fmt: skip
+    strip = inpaint_strip(examples, inpainted, DEMO_OUT / "inpaint-strip.png")
+    print(f"samples:    {samples}/ (grid: {samples / 'grid.png'})")
+    print(f"inpainting: {inpainted}/ (overview: {strip})")
+
+
+def inpaint_strip(examples: Path, folder: Path, out: Path) -> Path:
+    """Input, mask and the completions side by side, for the README."""
+    code = (
+        "import sys; from pathlib import Path; from PIL import Image\n"
+        "from sundae_cli.images import make_grid\n"
+        "ex, folder, out = map(Path, sys.argv[1:])\n"
+        "tiles = [Image.open(ex / 'digit.png').convert('RGB'),\n"
+        "         Image.open(ex / 'mask.png').convert('RGB')]\n"
+        "tiles += [Image.open(p).convert('RGB')\n"
+        "          for p in sorted(folder.glob('inpaint-*.png'))]\n"
+        "make_grid(tiles, ncols=len(tiles)).save(out)\n"
+    )
+    run(PYTHON, "-c", code, examples, folder, out)
+    return out
 
 
 def test() -> None:

@@ -9,12 +9,12 @@ codebook size.
   before any model is loaded; the error names the nearest valid sizes). At the native
   size it is exactly `sample`: same seeds, same code path, same bytes. On a larger or
   non-square canvas the prior runs on overlapping windows of its native grid each
-  step (`sampler.windowed_logits_fn`: the windows' log-probabilities are averaged per
+  step (`windows.windowed_logits_fn`: the windows' log-probabilities are averaged per
   position) and every position is updated in parallel. A canvas smaller than the
   native grid runs as one clipped window if the prior accepts that grid; otherwise
   the prior's own error is reported.
 - Memory: before weights are loaded, the peak is estimated (`estimate_memory`: the
-  sampler and one network call from `sampler.estimate_sampling_memory`, the VQ-GAN's
+  sampler and one network call from `windows.estimate_sampling_memory`, the VQ-GAN's
   activations while decoding, the prior's weights) and compared with what the device
   has available; a canvas that will not fit is refused with the estimate in GiB.
 - `--init IMG` (SUNDAE's self-correction as an upscaler): the image is fitted to the
@@ -53,9 +53,8 @@ from sundae_cli.generation import (
 )
 from sundae_cli.images import fit_to, load_rgb, to_tensor
 from sundae_cli.recipes import Recipe
-from sundae_cli.sampler import (
-    LogitsFn,
-    derive_seed,
+from sundae_cli.sampler import LogitsFn, derive_seed
+from sundae_cli.windows import (
     estimate_sampling_memory,
     window_positions,
     windowed_logits_fn,

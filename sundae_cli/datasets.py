@@ -49,9 +49,7 @@ def in_split(index: int, split: str) -> bool:
     return held_out if split == "test" else not held_out
 
 
-def export_digits(
-    out: Path, per_class: int | None = None, split: str = "all"
-) -> int:
+def export_digits(out: Path, per_class: int | None = None, split: str = "all") -> int:
     """Write digits as `out/<label>/<label>_<index>.png`; returns how many.
 
     `split` is "all", "train" (4,000 digits) or "test" (the 1,000 held out, every

@@ -9,7 +9,7 @@ stays bounded: images are decoded a batch at a time by a background loader, and 
 writer flushes after each batch. A folder is scanned (every file decoded once) only
 once: the command hands its scan to `encode_folder`.
 The file is written under a temporary name, renamed at the end, and an interrupted
-encode resumes where it stopped (see `sundae_cli.latents.LatentWriter`).
+encode resumes where it stopped (see `sundae_cli.latent_writer.LatentWriter`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from sundae_cli.errors import DataError, SundaeError
 from sundae_cli.images import FolderScan, fit_to, load_rgb, scan_folder, to_tensor
-from sundae_cli.latents import LatentWriter
+from sundae_cli.latent_writer import LatentWriter
 
 log = logging.getLogger(__name__)
 

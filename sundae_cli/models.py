@@ -100,12 +100,24 @@ def load_autoencoder(ref: str | Path | None, device: torch.device) -> LoadedMode
     return load_checkpoint(find_checkpoint(ref, "autoencoder"), "autoencoder", device)
 
 
+BUNDLED = "bundled"  # `--model bundled` always means the model in the package
+
+
 def resolve_prior_ref(ref: str | Path | None) -> tuple[Path, bool]:
-    """The prior checkpoint to use, and whether it is the bundled default."""
-    if ref is None and not list_runs("prior"):
+    """The prior checkpoint to use, and whether it is the bundled default.
+
+    None means the newest prior run in the store, else the bundled model.
+    """
+    wants_bundled = str(ref) == BUNDLED and not Path(BUNDLED).exists()
+    if wants_bundled or (ref is None and not list_runs("prior")):
         bundled = bundled_run("prior")
         if bundled is not None:
             return find_checkpoint(bundled, "prior"), True
+        if wants_bundled:
+            raise CheckpointError(
+                "this installation has no bundled model",
+                hint="reinstall sundae, or pass --model with a prior run",
+            )
     return find_checkpoint(ref, "prior"), False
 
 

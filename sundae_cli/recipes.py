@@ -14,7 +14,6 @@ match for misspelt keys. Models are frozen and forbid unknown keys.
 
 from __future__ import annotations
 
-import difflib
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,6 +30,16 @@ from pydantic import (
 
 from sundae_cli.errors import BackendError, RecipeError
 from sundae_cli.presets import RESOLUTION_PRESETS, deep_merge
+
+# Finding and writing recipe files lives in recipe_files; its public names are
+# re-exported here because commands, training and tests import them from recipes.
+from sundae_cli.recipe_files import (  # noqa: F401
+    close_match,
+    find_recipe,
+    list_recipes,
+    recipe_dirs,
+    to_toml,
+)
 
 SCHEMA_VERSION = 1
 
@@ -244,11 +253,6 @@ def apply_overrides(tables: dict[str, Any], overrides: list[str]) -> dict[str, A
     return result
 
 
-def _close_match(name: str, candidates: list[str]) -> str:
-    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return f" (did you mean {matches[0]!r}?)" if matches else ""
-
-
 def _error_lines(
     exc: ValidationError, prefix: tuple[str, ...], model: type[BaseModel]
 ) -> list[str]:
@@ -260,7 +264,7 @@ def _error_lines(
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             siblings = _field_names(model, [str(p) for p in err["loc"][:-1]])
-            message = "unknown key" + _close_match(loc[-1], siblings)
+            message = "unknown key" + close_match(loc[-1], siblings)
         lines.append(f"{path}: {message}")
     return lines
 
@@ -289,7 +293,7 @@ def resolve_tables(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     if preset is None:
         problems.append(
             f"resolution: unknown preset {resolution!r} (one of {_preset_names()})"
-            + _close_match(str(resolution), list(RESOLUTION_PRESETS))
+            + close_match(str(resolution), list(RESOLUTION_PRESETS))
         )
         return raw, problems
 
@@ -382,82 +386,3 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 def recipe_from_dict(tables: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate tables that were saved earlier (for example in a run directory)."""
     return validate_tables(deep_merge({}, tables), source)
-
-
-# --------------------------------------------------------------------------- finding
-
-
-def recipe_dirs() -> list[Path]:
-    """Where `sundae recipes list` looks: ./recipes, $SUNDAE_RECIPES, the config dir."""
-    import os
-
-    import platformdirs
-
-    dirs = [Path.cwd() / "recipes"]
-    for entry in os.environ.get("SUNDAE_RECIPES", "").split(os.pathsep):
-        if entry:
-            dirs.append(Path(entry))
-    dirs.append(Path(platformdirs.user_config_dir("sundae")) / "recipes")
-    return dirs
-
-
-def list_recipes() -> list[Path]:
-    """Every `*.toml` in the recipe folders; earlier folders shadow later ones."""
-    seen: dict[str, Path] = {}
-    for folder in recipe_dirs():
-        if folder.is_dir():
-            for path in sorted(folder.glob("*.toml")):
-                seen.setdefault(path.stem, path)
-    return list(seen.values())
-
-
-def find_recipe(name_or_path: str) -> Path:
-    """A path that exists, else a recipe name looked up in the recipe folders."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists() or "/" in name_or_path:
-        if not path.is_file():
-            raise RecipeError(
-                f"recipe file {path} does not exist",
-                hint="check the path, or see `sundae recipes list` for known names",
-            )
-        return path
-    for candidate in list_recipes():
-        if candidate.stem == name_or_path:
-            return candidate
-    known = [p.stem for p in list_recipes()]
-    raise RecipeError(
-        f"no recipe named {name_or_path!r}" + _close_match(name_or_path, known),
-        hint="see `sundae recipes list`, or pass a path to a .toml file",
-    )
-
-
-def to_toml(tables: dict[str, Any]) -> str:
-    """Write plain tables as TOML (scalars first, then sub-tables, recursively)."""
-    lines: list[str] = []
-    _emit_table(lines, [], tables)
-    return "\n".join(lines).strip() + "\n"
-
-
-def _emit_table(lines: list[str], path: list[str], table: dict[str, Any]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-    if path and scalars:
-        lines.append(f"\n[{'.'.join(path)}]")
-    for key, value in scalars.items():
-        lines.append(f"{key} = {_toml_value(value)}")
-    for key, value in tables.items():
-        _emit_table(lines, path + [key], value)
-
-
-def _toml_value(value: Any) -> str:
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")

@@ -176,6 +176,13 @@ class PriorTrainer:
         self.ema.load_state_dict(state["ema"], int(state["ema_updates"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The saved state carries the old base rate; a rate changed in the recipe
+        # (warned about by check_resume_recipe) applies from here on.
+        rate = self.section.learning_rate
+        self.scheduler.base_lrs = [rate for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = rate
+            group["lr"] = rate * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         self.step = int(state["step"])
         restore_rng(state["rng"])
         self.stream.position = DataPosition(**state["data"])
@@ -305,8 +312,13 @@ def evaluate(trainer: PriorTrainer) -> dict[str, float]:
     return {f"val_{key}": value / count for key, value in totals.items()}
 
 
+@torch.no_grad()
 def write_sample_grid(trainer: PriorTrainer, decoder: Any) -> Path:
-    """Sample 16 grids with the EMA weights, decode them and save a PNG grid."""
+    """Sample 16 grids with the EMA weights, decode them and save a PNG grid.
+
+    Without gradients and under the run's precision, as `sundae sample` samples.
+    """
+    from sundae_cli.devices import autocast
     from sundae_cli.images import make_grid, save_png_atomic
     from sundae_cli.sampler import SamplerSettings, derive_seed, sample_tokens
 
@@ -327,8 +339,13 @@ def write_sample_grid(trainer: PriorTrainer, decoder: Any) -> Path:
     if setup.recipe.prior.config.num_classes:
         classes = setup.recipe.prior.config.num_classes
         labels = torch.arange(count, device=setup.device) % classes
+
+    def logits_fn(tokens: torch.Tensor, class_labels: torch.Tensor | None):
+        with autocast(setup.device, setup.dtype):
+            return model(tokens, class_labels)  # (b, h, w, k)
+
     result = sample_tokens(
-        lambda tokens, class_labels: model(tokens, class_labels),
+        logits_fn,
         batch_size=count,
         grid=setup.recipe.grid,
         codebook_size=setup.recipe.codebook_size,
@@ -337,8 +354,7 @@ def write_sample_grid(trainer: PriorTrainer, decoder: Any) -> Path:
         class_labels=labels,
         device=setup.device,
     )
-    with torch.no_grad():
-        images = decoder.decode(result.tokens.to(setup.device)).float().cpu()
+    images = decoder.decode(result.tokens.to(setup.device)).float().cpu()
     path = trainer.run.path / "samples" / f"step-{trainer.step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png_atomic(make_grid(images, ncols=4), path)
@@ -547,10 +563,11 @@ def periodic(
         append_metrics(trainer.run.path, record)
         log.info(_log_line(record))
         window.clear()
-    if decoder is not None and (step % section.sample_every == 0 or done):
-        log.info("sample grid: %s", write_sample_grid(trainer, decoder))
+    # Checkpoint before drawing: a failing preview must not cost training.
     if step % section.checkpoint_every == 0 and not done:
         save(trainer)
+    if decoder is not None and (step % section.sample_every == 0 or done):
+        log.info("sample grid: %s", write_sample_grid(trainer, decoder))
     return record
 
 

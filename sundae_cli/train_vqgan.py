@@ -156,8 +156,13 @@ class VQTrainer:
         self.discriminator.to(setup.device)
         if setup.compile_model:
             # Encoder and decoder apart: the quantizer's nearest-code search and
-            # codebook bookkeeping stay eager.
-            compile_modules([self.model.encoder, self.model.decoder], setup.device)
+            # codebook bookkeeping stay eager. The adaptive GAN weight goes back
+            # through the decoder more than once (retain_graph).
+            compile_modules(
+                [self.model.encoder, self.model.decoder],
+                setup.device,
+                retain_graph=True,
+            )
         self.model_ddp = distributed.wrap(self.model, setup.dist, setup.device)
         self.disc_ddp = distributed.wrap(self.discriminator, setup.dist, setup.device)
         self.loss = setup.loss if setup.loss is not None else build_loss(setup)

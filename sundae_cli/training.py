@@ -1,8 +1,11 @@
 """The parts of a training loop that both stages share.
 
-Optimiser and learning-rate schedule, EMA weights, RNG capture for exact resume, a
-resumable data stream, non-finite checks that name the loss term, Rich progress, and
-the comparison of a resumed run's recipe against the one it was started with.
+Optimiser and learning-rate schedule, EMA weights, RNG capture and per-step reseeding
+for exact resume, a resumable data stream, non-finite checks that name the loss term,
+`torch.compile`, Rich progress, the comparison of a resumed run's recipe against the
+one it was started with, and the step loop with its stop protocol: signals and data
+errors stop every rank of a torchrun job at the same step boundary, and rank 0 writes
+the checkpoint (see `run_steps` and `sundae_cli.distributed`).
 """
 
 from __future__ import annotations
@@ -100,14 +103,22 @@ class EMA:
         self.updates = updates
 
 
-def compile_modules(modules: list[torch.nn.Module], device: torch.device) -> None:
+def compile_modules(
+    modules: list[torch.nn.Module], device: torch.device, retain_graph: bool = False
+) -> None:
     """`torch.compile` each module in place (`Module.compile`: state-dict keys stay).
 
     On the CPU torch.compile generates C++; a missing compiler is reported here
-    rather than as a long traceback at the first step.
+    rather than as a long traceback at the first step. `retain_graph` allows more
+    than one backward pass through a compiled graph (the VQ-GAN's adaptive weight),
+    which compiled backward functions refuse while they donate buffers.
     """
     if device.type == "cpu":
         _check_cpu_compiler()
+    if retain_graph:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
     for module in modules:
         module.compile()
     log.info("torch.compile: the first steps are slow while kernels are compiled")

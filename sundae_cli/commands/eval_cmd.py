@@ -133,7 +133,7 @@ def fid(
 
     from sundae_cli.console import result
     from sundae_cli.devices import resolve_device
-    from sundae_cli.evaluation import FidSettings, evaluate_fid, load_feature_network
+    from sundae_cli.fid import FidSettings, evaluate_fid, load_feature_network
     from sundae_cli.fsutil import write_text_atomic
     from sundae_cli.images import scan_folder
 

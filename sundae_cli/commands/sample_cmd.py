@@ -42,7 +42,8 @@ class Resolution(StrEnum):
 ModelOption = Annotated[
     str | None,
     typer.Option(
-        "--model", help="Prior run name or path (default: newest, else bundled)."
+        "--model",
+        help="Prior run name or path, or 'bundled' (default: newest, else bundled).",
     ),
 ]
 AutoencoderOption = Annotated[

@@ -332,7 +332,7 @@ def test_case_c09_killed_encode_is_refused_then_resumed_never_overwritten(
 def test_case_c15_encode_write_error_names_path_and_keeps_the_old_file(
     cli, tmp_path, autoencoder, monkeypatch
 ):
-    from sundae_cli.latents import LatentWriter
+    from sundae_cli.latent_writer import LatentWriter
 
     folder = tmp_path / "images"
     noise_folder(folder, 3)

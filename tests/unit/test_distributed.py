@@ -1,6 +1,6 @@
-"""Training under torchrun: two Gloo processes on the CPU (C14).
+"""Training under torchrun: two Gloo processes on the CPU (C14), and the stop protocol.
 
-Every test launches `python -m torch.distributed.run --standalone --nproc-per-node 2`
+The slow tests launch `python -m torch.distributed.run --standalone --nproc-per-node 2`
 (a free port, as torchrun picks it) with this module as the program of each rank.
 Run that way, the module is a thin worker (`_worker`): it calls the real CLI
 (`sundae_cli.app.main`, exactly what `-m sundae_cli` runs) and then saves its rank's
@@ -334,6 +334,24 @@ def test_one_rank_failing_ends_both_ranks_promptly(digit_latents, tmp_path):
     assert code != 0
     assert "test: rank 1 crashed inside step 3" in err
     assert "Connection closed by peer" in err or "Connection reset by peer" in err
+
+
+def test_compile_without_a_cpu_compiler_is_a_clear_input_error(monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    from sundae_cli.errors import InputError
+    from sundae_cli.training import compile_modules
+
+    def no_compiler():
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    module = torch.nn.Linear(2, 2)
+    with pytest.raises(InputError) as info:
+        compile_modules([module], torch.device("cpu"))
+    assert "--compile on the CPU needs a C++ compiler" in info.value.message
+    assert "drop --compile" in info.value.hint
+    assert module._compiled_call_impl is None  # left as it was
 
 
 # ---------------------------------------------------------------- vqgan

@@ -14,18 +14,20 @@ from PIL import Image
 from sundae_cli.errors import DataError
 from sundae_cli.evaluation import (
     PSNR_CAP_DB,
-    FeatureStats,
-    FidSettings,
     codebook_statistics,
     evaluate_reconstruction,
+    psnr,
+    ssim,
+)
+from sundae_cli.fid import (
+    FeatureStats,
+    FidSettings,
     extract_features,
     frechet_distance,
     kernel_inception_distance,
     load_feature_network,
-    psnr,
     reference_key,
     reference_statistics,
-    ssim,
 )
 
 # TorchScript is deprecated in torch 2.13, but it is the format of the standard

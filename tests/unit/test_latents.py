@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from sundae_cli.errors import DataError
+from sundae_cli.latent_writer import LatentWriter
 from sundae_cli.latents import (
-    LatentWriter,
     describe_latents,
     open_latents,
     partial_path_for,

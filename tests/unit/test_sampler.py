@@ -10,9 +10,11 @@ from sundae_cli.sampler import (
     SamplerSettings,
     confidence_mask,
     derive_seed,
-    estimate_sampling_memory,
     propose,
     sample_tokens,
+)
+from sundae_cli.windows import (
+    estimate_sampling_memory,
     window_positions,
     windowed_logits_fn,
 )

@@ -85,6 +85,7 @@ def test_case_c11_architecture_change_refused_lr_change_warns(
     )
     assert result.step == 4
     assert "train.prior.learning_rate: 0.001 -> 0.0005" in caplog.text
+    assert result.metrics["lr"] == pytest.approx(5e-4)  # the new rate is used
 
 
 def test_case_c10_codebook_mismatch_refused_before_training(digit_latents, tmp_path):

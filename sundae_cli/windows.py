@@ -1,0 +1,174 @@
+"""Windowed generation: run a prior trained on one grid over a larger canvas.
+
+Axes: `b` batch, `h w` window height and width, `H W` canvas height and width,
+`k` codebook size, `p` windows.
+
+A prior is trained on grids of one size (h, w). To sample a larger or differently
+shaped canvas (H, W), every refinement step runs the network on overlapping windows
+that cover the canvas (`window_positions`: stride window - overlap per axis, the
+last window flush with the edge) and averages, per position, the log-probabilities
+of the windows that cover it (`windowed_logits_fn`). The sampler then updates every
+position of the canvas in parallel, exactly as on the native grid.
+`estimate_sampling_memory` gives a rough upper bound of the memory this needs,
+computed without a model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from einops import rearrange
+
+from sundae_cli.errors import InputError
+from sundae_cli.sampler import LogitsFn
+
+
+def _axis_starts(size: int, window: int, overlap: int) -> list[int]:
+    """Window starts along one axis, stride window - overlap, the last flush."""
+    starts = list(range(0, size - window, window - overlap))
+    return [*starts, size - window]
+
+
+def _fit_window(
+    canvas: tuple[int, int], window: tuple[int, int], overlap: int | None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Window clipped to the canvas, and the overlap per axis (default: half)."""
+    fitted = (min(window[0], canvas[0]), min(window[1], canvas[1]))
+    if min(fitted) < 1:
+        raise InputError(f"empty canvas {canvas} or window {window}")
+    if overlap is None:
+        return fitted, (fitted[0] // 2, fitted[1] // 2)
+    if not 0 <= overlap < min(fitted):
+        raise InputError(
+            f"--overlap must be in [0, {min(fitted) - 1}] for the window "
+            f"{fitted[0]}x{fitted[1]}, got {overlap}"
+        )
+    return fitted, (overlap, overlap)
+
+
+def window_positions(
+    canvas: tuple[int, int], window: tuple[int, int], overlap: int | None = None
+) -> list[tuple[int, int]]:
+    """Top-left corners (row, col) of windows covering every position of `canvas`.
+
+    The window is clipped to the canvas; the stride is window - overlap per axis
+    (overlap defaults to half the window) and the last window is flush with the edge.
+    """
+    fitted, overlaps = _fit_window(canvas, window, overlap)
+    rows = _axis_starts(canvas[0], fitted[0], overlaps[0])
+    cols = _axis_starts(canvas[1], fitted[1], overlaps[1])
+    return [(top, left) for top in rows for left in cols]
+
+
+def _window_weights(window: tuple[int, int], weighting: str) -> torch.Tensor:
+    """Weights (h, w): ones, or a tent that peaks mid-window and is 1 at the rim."""
+    if weighting == "uniform":
+        return torch.ones(window)
+    if weighting != "tapered":
+        raise InputError(f"--weighting must be 'uniform' or 'tapered': {weighting!r}")
+    tents = [
+        torch.minimum(torch.arange(size) + 1, size - torch.arange(size))
+        for size in window
+    ]
+    return (tents[0][:, None] * tents[1][None, :]).float()
+
+
+def windowed_logits_fn(
+    logits_fn: LogitsFn,
+    *,
+    canvas: tuple[int, int],
+    window: tuple[int, int],
+    overlap: int | None = None,
+    weighting: Literal["uniform", "tapered"] = "uniform",
+    max_batch: int = 16,
+) -> LogitsFn:
+    """A logits function for a (H, W) `canvas` from a network trained on `window`.
+
+    The network runs on overlapping windows (see `window_positions`), at most
+    `max_batch` windows per call. Each position's result is the weighted average of
+    the log-probabilities (log-softmax, fp32) of the windows that cover it: with
+    "uniform" weights every window counts the same; "tapered" weights a position by
+    its distance from the window's rim, trusting the positions with most context.
+    When one window covers the canvas, `logits_fn` itself is returned.
+    """
+    fitted, _ = _fit_window(canvas, window, overlap)
+    positions = window_positions(canvas, window, overlap)
+    if len(positions) == 1:
+        return logits_fn
+    (h, w), weights = fitted, _window_weights(fitted, weighting)
+    coverage = torch.zeros(canvas)
+    for top, left in positions:
+        coverage[top : top + h, left : left + w] += weights
+
+    def windowed(tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        total = _accumulate_windows(
+            logits_fn, tokens, labels, positions, weights, canvas, max_batch
+        )
+        return total / coverage.to(total.device)[None, :, :, None]
+
+    return windowed
+
+
+def _accumulate_windows(
+    logits_fn: LogitsFn,
+    tokens: torch.Tensor,
+    labels: torch.Tensor | None,
+    positions: list[tuple[int, int]],
+    weights: torch.Tensor,
+    canvas: tuple[int, int],
+    max_batch: int,
+) -> torch.Tensor:
+    """Weighted sum (b, H, W, k) fp32 of the windows' log-probabilities."""
+    b, (h, w) = tokens.shape[0], weights.shape
+    crops = torch.stack([tokens[:, t : t + h, c : c + w] for t, c in positions])
+    crops = rearrange(crops, "p b h w -> (p b) h w")  # window-major
+    crop_labels = None if labels is None else labels.repeat(len(positions))
+    weights = weights.to(tokens.device)[None, :, :, None]  # (1, h, w, 1)
+    total = None
+    for start in range(0, crops.shape[0], max_batch):
+        stop = min(start + max_batch, crops.shape[0])
+        chunk_labels = None if crop_labels is None else crop_labels[start:stop]
+        logp = logits_fn(crops[start:stop], chunk_labels).float().log_softmax(-1)
+        if total is None:
+            total = logp.new_zeros(b, *canvas, logp.shape[-1])  # (b, H, W, k)
+        # The items of one window are a contiguous run of the batch.
+        for window in range(start // b, (stop - 1) // b + 1):
+            low, high = max(start, window * b), min(stop, (window + 1) * b)
+            (t, c), rows = positions[window], slice(low - window * b, high - window * b)
+            total[rows, t : t + h, c : c + w] += (
+                logp[low - start : high - start] * weights
+            )
+    return total
+
+
+def _window_count(length: int, window: int) -> int:
+    """Windows along one axis with the default half overlap, without listing them."""
+    if length <= window:
+        return 1
+    stride = max(1, window - window // 2)
+    return -(-(length - window) // stride) + 1
+
+
+def estimate_sampling_memory(
+    batch: int,
+    canvas: tuple[int, int],
+    window: tuple[int, int],
+    codebook_size: int,
+    width: int,
+    bytes_per_el: int = 4,
+    max_batch: int = 16,
+) -> int:
+    """Rough upper bound in bytes of sampling `batch` canvases (H, W) of tokens.
+
+    Counts the canvas logits and the sampler's fp32 copies (logits, unnormalised
+    probabilities, CDF), plus one network call of up to `max_batch` windows: its
+    logits, their log-softmax, and about 16 activations of `width` per token.
+    """
+    canvas_positions = batch * canvas[0] * canvas[1]
+    sampler = 4 * canvas_positions * codebook_size * 4  # fp32 whatever the network
+    windows = _window_count(canvas[0], window[0]) * _window_count(canvas[1], window[1])
+    items = min(batch * windows, max_batch) if windows > 1 else batch
+    window_tokens = items * min(window[0], canvas[0]) * min(window[1], canvas[1])
+    network = window_tokens * (2 * codebook_size + 16 * width) * bytes_per_el
+    return sampler + network
