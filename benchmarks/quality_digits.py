@@ -21,6 +21,7 @@ class between 5% and 15% of samples, and a distance at most 3x the reconstructio
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -121,12 +122,15 @@ def report(name: str, probs, features, reference: FeatureStats) -> dict:
 
 
 @torch.no_grad()
-def sample_images(prior, decoder, count: int, seed: int) -> tuple[torch.Tensor, list]:
+def sample_images(
+    prior, decoder, count: int, seed: int, overrides: dict
+) -> tuple[torch.Tensor, list]:
+    """Samples at the recipe's sampler settings, unless overridden by flags."""
     section = prior.recipe.sampling
     settings = SamplerSettings(
-        steps=section.steps,
-        temperature=tuple(section.temperature),
-        proportion=tuple(section.proportion),
+        steps=overrides.get("steps") or section.steps,
+        temperature=overrides.get("temperature") or tuple(section.temperature),
+        proportion=overrides.get("proportion") or tuple(section.proportion),
         top_k=section.top_k,
         update=section.update,
         min_steps=section.min_steps,
@@ -153,8 +157,16 @@ def main() -> None:
     parser.add_argument("--model", help="prior run (default: newest, else bundled)")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, help="override (tuning only)")
+    parser.add_argument("--proportion", type=float, help="override (tuning only)")
+    parser.add_argument("--steps", type=int, help="override (tuning only)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    overrides = {
+        "temperature": args.temperature and (args.temperature, args.temperature),
+        "proportion": args.proportion and (args.proportion, args.proportion),
+        "steps": args.steps,
+    }
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     device = torch.device("cpu")
 
     ckpt, bundled = resolve_prior_ref(args.model)
@@ -170,7 +182,7 @@ def main() -> None:
     reference = FeatureStats.of(test_features)
 
     started = time.perf_counter()
-    samples, steps = sample_images(prior, decoder, args.samples, args.seed)
+    samples, steps = sample_images(prior, decoder, args.samples, args.seed, overrides)
     seconds = time.perf_counter() - started
     with torch.no_grad():
         recon = torch.cat([decoder.model(c)[0] for c in test_images.split(256)])
