@@ -126,7 +126,8 @@ def encode_folder(
         image_size=size,
         autoencoder_backend=loaded.recipe.autoencoder.backend,
         autoencoder_sha256=loaded.sha256,
-        autoencoder_run=str(loaded.run_path),
+        # Absolute, so that `train prior` and the samplers find it from any folder.
+        autoencoder_run=str(loaded.run_path.resolve()),
         with_labels=labels_from_subfolders,
         class_names=names or None,
         overwrite=overwrite,

@@ -49,7 +49,15 @@ def list_recipes() -> list[Path]:
 def find_recipe(name_or_path: str) -> Path:
     """A path that exists, else a recipe name looked up in the recipe folders."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists() or "/" in name_or_path:
+    # A bare name that happens to be a folder here (`sundae data digits digits/` makes
+    # one) is still a recipe name; only a file, a `.toml` or a slash makes it a path.
+    looks_like_path = path.suffix == ".toml" or path.is_file() or "/" in name_or_path
+    if looks_like_path or (path.is_dir() and not _known_name(name_or_path)):
+        if path.is_dir():
+            raise RecipeError(
+                f"recipe file {path} is a folder, not a .toml file",
+                hint="pass a recipe .toml file or a name from `sundae recipes list`",
+            )
         if not path.is_file():
             raise RecipeError(
                 f"recipe file {path} does not exist",
@@ -64,6 +72,10 @@ def find_recipe(name_or_path: str) -> Path:
         f"no recipe named {name_or_path!r}" + close_match(name_or_path, known),
         hint="see `sundae recipes list`, or pass a path to a .toml file",
     )
+
+
+def _known_name(name: str) -> bool:
+    return any(candidate.stem == name for candidate in list_recipes())
 
 
 def to_toml(tables: dict[str, Any]) -> str:

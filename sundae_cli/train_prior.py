@@ -86,6 +86,7 @@ def prepare(recipe: Recipe, latents_path: Path) -> PriorSetup:
     from sundae_cli import distributed
     from sundae_cli.devices import resolve_device, resolve_precision
     from sundae_cli.splits import split_indices
+    from sundae_cli.training import check_batch_fits
 
     device = resolve_device(recipe.device)
     dist, device = distributed.setup(device)
@@ -98,6 +99,12 @@ def prepare(recipe: Recipe, latents_path: Path) -> PriorSetup:
             f"{latents_path}: no training items after the validation split",
             hint="lower data.val_fraction or encode more images",
         )
+    check_batch_fits(
+        len(train_idx),
+        recipe.train.prior.batch_size,
+        dist.world_size,
+        "train.prior.batch_size",
+    )
     autoencoder = {
         "run": latents.attrs.get("autoencoder_run"),
         "sha256": latents.attrs.get("autoencoder_sha256"),
@@ -455,6 +462,19 @@ def open_run(
     return create_run(STAGE, recipe.name, info, out), None
 
 
+def _latents_path(recipe: Recipe, latents: Path | None, resume: str | None) -> Path:
+    """--latents, else the file a resumed run trained on, else latents.path."""
+    if latents is not None:
+        return Path(latents)
+    if resume is not None:
+        from sundae_cli.runs import resolve_run
+
+        recorded = resolve_run(resume, STAGE).info.get("autoencoder", {}).get("latents")
+        if recorded:
+            return Path(recorded)
+    return Path(recipe.latents.path)
+
+
 def train_prior(
     recipe: Recipe,
     *,
@@ -471,7 +491,7 @@ def train_prior(
     """
     from sundae_cli import distributed
 
-    setup = prepare(recipe, Path(latents or recipe.latents.path))
+    setup = prepare(recipe, _latents_path(recipe, latents, resume))
     setup.compile_model = compile_model
     try:
         run, state = distributed.on_all_ranks(

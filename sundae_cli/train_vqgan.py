@@ -38,6 +38,7 @@ from sundae_cli.training import (
     ResumableStream,
     build_optimizer,
     capture_rng,
+    check_batch_fits,
     restore_rng,
 )
 
@@ -96,6 +97,12 @@ def prepare(
             f"{folder}: no training images left after the validation split",
             hint="add images or lower data.val_fraction",
         )
+    check_batch_fits(
+        len(train_idx),
+        recipe.train.vqgan.batch_size,
+        dist.world_size,
+        "train.vqgan.batch_size",
+    )
     dtype = resolve_precision(recipe.precision, device)
     torch.manual_seed(recipe.seed + dist.rank)
     weights = perceptual_weights or recipe.train.vqgan.perceptual_weights

@@ -19,7 +19,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sundae_cli.errors import CheckpointError, InputError, Interrupted, TrainingError
+from sundae_cli.errors import (
+    CheckpointError,
+    DataError,
+    InputError,
+    Interrupted,
+    TrainingError,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -180,6 +186,17 @@ class DataPosition:
 
     def as_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
+
+
+def check_batch_fits(items: int, batch_size: int, world_size: int, key: str) -> None:
+    """Refuse, before a run directory exists, a batch larger than a process's shard."""
+    per_process = items // max(world_size, 1)
+    if per_process < batch_size:
+        raise DataError(
+            f"{items} training items ({per_process} per process) is fewer than "
+            f"{key} = {batch_size}",
+            hint=f"lower {key} (--set {key}=N) or add more data",
+        )
 
 
 @dataclass

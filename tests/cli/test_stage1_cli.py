@@ -204,6 +204,22 @@ def test_case_c06_empty_and_upper_case_folders(cli, tmp_path, autoencoder):
     assert "\t2 images\t4 grids\t0 skipped" in found.stdout
 
 
+def test_batch_larger_than_the_folder_is_bad_input_and_leaves_no_run(cli, tmp_path):
+    noise_folder(tmp_path / "few", 4)
+    result = train(
+        cli,
+        "--data",
+        tmp_path / "few",
+        "--out",
+        tmp_path / "run",
+        overrides=("train.vqgan.batch_size=8", "data.val_fraction=0"),
+    )
+    assert result.exit_code == 2
+    assert "4 training items (4 per process) is fewer than" in result.stderr
+    assert "train.vqgan.batch_size = 8" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------ encode
 
 
@@ -237,6 +253,19 @@ def test_case_c04_truncated_files_skipped_recorded_or_strict(
     assert f"{cut_jpeg}: truncated or corrupt" in strict.stderr
     assert "drop --strict" in strict.stderr
     assert not (tmp_path / "strict.h5").exists()
+
+
+def test_encode_records_the_autoencoder_run_as_an_absolute_path(
+    cli, tmp_path, autoencoder, monkeypatch
+):
+    # `encode --model runs/ae` in one folder, `train prior` in another: the recorded
+    # run must still point at the autoencoder.
+    noise_folder(tmp_path / "imgs", 2)
+    monkeypatch.chdir(autoencoder.parent)
+    result = encode(cli, tmp_path / "imgs", tmp_path / "x.h5", autoencoder.name)
+    assert result.exit_code == 0, result.stderr
+    with open_latents(tmp_path / "x.h5") as latents:
+        assert latents.attrs["autoencoder_run"] == str(autoencoder.resolve())
 
 
 def test_case_c08_tokens_do_not_depend_on_the_batch_size(cli, tmp_path, autoencoder):

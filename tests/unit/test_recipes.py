@@ -119,6 +119,21 @@ def test_missing_file_and_unknown_name(tmp_path):
         load_recipe("no-such-recipe-name")
 
 
+def test_name_shadowed_by_a_data_folder_is_still_a_recipe_name(tmp_path, monkeypatch):
+    # The README tour runs `sundae data digits digits/` and then `train vqgan digits`
+    # in the same folder: the `digits/` image folder must not hide the recipe name.
+    (tmp_path / "recipes").mkdir()
+    text = 'name = "digits"\nresolution = "cpu32"\n'
+    write(tmp_path / "recipes", text, "digits.toml")
+    (tmp_path / "digits" / "0").mkdir(parents=True)
+    (tmp_path / "images").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("digits").name == "digits"
+    for folder in ("images", "digits/"):
+        with pytest.raises(RecipeError, match="is a folder, not a .toml file"):
+            load_recipe(folder)
+
+
 def test_unknown_backend_lists_known_ones(tmp_path):
     path = write(
         tmp_path, 'name = "x"\nresolution = "cpu32"\n[prior]\nbackend = "nope"\n'

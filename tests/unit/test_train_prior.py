@@ -98,6 +98,19 @@ def test_case_c10_codebook_mismatch_refused_before_training(digit_latents, tmp_p
     assert not (tmp_path / "x").exists()
 
 
+def test_batch_larger_than_the_data_refused_before_the_run_exists(
+    digit_latents, tmp_path
+):
+    latents, _ = digit_latents
+    with pytest.raises(DataError) as info:
+        train_prior(
+            recipe("train.prior.batch_size=5000"), latents=latents, out=tmp_path / "x"
+        )
+    assert "fewer than train.prior.batch_size = 5000" in info.value.message
+    assert "--set train.prior.batch_size=N" in info.value.hint
+    assert not (tmp_path / "x").exists()
+
+
 def test_class_conditioning_needs_labels_in_range(digit_latents, tmp_path):
     latents, _ = digit_latents
     with pytest.raises(DataError, match="label 9 but prior.num_classes = 5"):
@@ -157,9 +170,8 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes(digit_latents, tmp_path, monkeyp
     assert info.value.exit_code == 130 and "step 4" in info.value.message
     assert latest_checkpoint(tmp_path / "i").name == "step-00000004"
     monkeypatch.setattr(module.PriorTrainer, "train_step", real)
-    result = train_prior(
-        recipe("train.prior.steps=8"), latents=latents, resume=str(tmp_path / "i")
-    )
+    # Without --latents a resumed run reads the file it was trained on.
+    result = train_prior(recipe("train.prior.steps=8"), resume=str(tmp_path / "i"))
     assert result.step == 8
 
 
