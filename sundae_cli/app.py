@@ -43,6 +43,17 @@ class SundaeGroup(TyperGroup):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+        except OSError as error:  # a path problem no check above foresaw
+            if is_debug() or isinstance(error, BrokenPipeError):  # `| head`
+                raise
+            where = f"{error.filename}: " if error.filename else ""
+            report_error(
+                SundaeError(
+                    f"{where}{error.strerror or error}",
+                    hint="check the path and its permissions (--debug for details)",
+                )
+            )
+            ctx.exit(SundaeError.exit_code)
 
 
 app = typer.Typer(

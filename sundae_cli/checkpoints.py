@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sundae_cli.errors import CheckpointError
-from sundae_cli.fsutil import atomic_directory, sha256_file
+from sundae_cli.fsutil import atomic_directory, make_shareable, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +67,7 @@ def save_checkpoint(
     with atomic_directory(final) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(tensors, str(tmp / WEIGHTS))
+        make_shareable(tmp / WEIGHTS)  # safetensors writes it 0600
         if state is not None:
             torch.save(state, tmp / STATE)
         full_meta = {

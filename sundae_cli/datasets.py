@@ -83,6 +83,8 @@ def export_photos(out: Path) -> int:
 
 
 def _prepare(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file", hint="pass a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise DataError(
             f"{out} exists and is not empty",

@@ -17,6 +17,17 @@ from pathlib import Path
 from sundae_cli.errors import SundaeError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_shareable(path: str | os.PathLike[str]) -> None:
+    """Give a file the mode `open()` would (0644 under umask 022), not 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _write_failed(path: Path, exc: OSError) -> SundaeError:
     return SundaeError(
         f"could not write {path}: {exc.strerror or exc}",
@@ -42,6 +53,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        make_shareable(tmp)  # mkstemp makes the file private (0600)
         yield tmp
         os.replace(tmp, final)
     except OSError as exc:
@@ -77,6 +89,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     )
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
         yield tmp
         os.replace(tmp, final)
     except OSError as exc:

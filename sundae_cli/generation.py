@@ -92,7 +92,13 @@ def sampler_settings(section: SamplingSection, **overrides: Any) -> SamplerSetti
         raise TypeError(f"unknown sampler settings: {unknown}")
     values = section.model_dump(exclude={"batch_size"})
     values.update({key: value for key, value in overrides.items() if value is not None})
-    return SamplerSettings(**values)
+    settings = SamplerSettings(**values)
+    if max(settings.proportion) == 0:
+        raise InputError(
+            "--proportion 0 updates no token: every sample would stay its random start",
+            hint="for example --proportion 0.5 (or sampling.proportion in the recipe)",
+        )
+    return settings
 
 
 def settings_record(settings: SamplerSettings) -> dict[str, Any]:

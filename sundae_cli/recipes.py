@@ -74,11 +74,16 @@ class DataSection(Section):
 
 
 class LatentsSection(Section):
-    """The HDF5 latent dataset written by `sundae encode` and read by `train prior`."""
+    """The HDF5 latent dataset written by `sundae encode` and read by `train prior`.
 
-    path: str = "latents.h5"  # relative paths resolve against the working directory
-    flip: bool = True  # store every image a second time flipped horizontally
-    batch_size: PositiveInt = 32  # images per encoder forward
+    Known shortcoming: `sundae encode` takes no recipe, so `flip` and `batch_size`
+    only record how a recipe's latents are meant to be made; pass the matching
+    `--no-flip` and `--batch-size` flags to `sundae encode` yourself.
+    """
+
+    path: str = "latents.h5"  # default --latents of `train prior` (relative to cwd)
+    flip: bool = True  # intended `encode` setting: store flipped copies too
+    batch_size: PositiveInt = 32  # intended `encode --batch-size`
 
 
 class BackendSection(BaseModel):

@@ -70,6 +70,10 @@ def create_run(
     assert kind in KINDS
     if out is not None:
         path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise CheckpointError(
+                f"--out {path} is a file", hint="pass a new or empty folder to --out"
+            )
         if (path / "run.json").exists():
             raise CheckpointError(
                 f"{path} already holds a run",

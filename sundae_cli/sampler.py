@@ -74,6 +74,17 @@ def _pair(value: float | Sequence[float], flag: str) -> tuple[float, float]:
     return values[0], values[1]
 
 
+def _show(pair: tuple[float, float]) -> str:
+    """A (start, end) pair as the flag takes it: `0.8`, or `1.0:0.7`."""
+    return f"{pair[0]:g}" if pair[0] == pair[1] else f"{pair[0]:g}:{pair[1]:g}"
+
+
+_HINTS = {
+    "--temperature": "for example --temperature 0.8, or --temperature 1.0:0.7",
+    "--proportion": "for example --proportion 0.5, or --proportion 0.8:0.2",
+}
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """How `sample_tokens` refines tokens; errors name the CLI flag to fix."""
@@ -95,10 +106,10 @@ class SamplerSettings:
         t_low, p_low, p_high = min(temperature), min(proportion), max(proportion)
         problems = [
             (self.steps < 1, f"--steps must be >= 1, got {self.steps}"),
-            (t_low <= 0, f"--temperature must be > 0, got {temperature}"),
+            (t_low <= 0, f"--temperature must be > 0, got {_show(temperature)}"),
             (
                 p_low < 0 or p_high > 1,
-                f"--proportion must be in [0, 1], got {proportion}",
+                f"--proportion must be in [0, 1], got {_show(proportion)}",
             ),
             (
                 self.top_k is not None and self.top_k < 1,
@@ -116,7 +127,8 @@ class SamplerSettings:
         ]
         for failed, message in problems:
             if failed:
-                raise InputError(message)
+                flag = message.split()[0]
+                raise InputError(message, hint=_HINTS.get(flag))
 
     def _linear(self, pair: tuple[float, float], step: int) -> float:
         fraction = step / (self.steps - 1) if self.steps > 1 else 0.0

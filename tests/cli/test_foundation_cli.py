@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -118,3 +120,33 @@ def test_runs_list_empty_store_and_unknown_run(cli):
 def test_unknown_flag_is_a_usage_error(cli):
     result = cli("recipes", "list", "--bogus")
     assert result.exit_code == 2
+
+
+def test_out_that_is_a_file_is_bad_input_not_a_traceback(cli, tmp_path):
+    from sundae_cli.errors import CheckpointError
+    from sundae_cli.runs import create_run
+
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    for args in (("data", "digits", taken), ("data", "photos", taken)):
+        result = cli(*args)
+        assert result.exit_code == 2, result.stderr
+        assert f"error: {taken} is a file" in result.stderr
+    with pytest.raises(CheckpointError, match="is a file"):
+        create_run("prior", "tiny", {}, out=taken)  # train vqgan/prior --out FILE
+    assert taken.read_text() == "x"
+
+
+def test_unforeseen_os_error_is_one_error_line(cli, tmp_path, monkeypatch):
+    import errno
+
+    import sundae_cli.datasets
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "d"))
+
+    monkeypatch.setattr(sundae_cli.datasets, "export_digits", refuse)
+    result = cli("data", "digits", tmp_path / "d")
+    assert result.exit_code == 1
+    assert f"error: {tmp_path / 'd'}: Permission denied" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -71,6 +71,20 @@ def test_state_with_pickled_code_is_refused(tmp_path):
         load_state(ckpt)
 
 
+def test_atomic_writes_get_the_umask_mode_not_private(tmp_path):
+    # mkstemp/mkdtemp create 0600/0700 entries; outputs and checkpoints must be
+    # readable like any file the user writes (0644/0755 under umask 022).
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "run.json", "{}")
+        ckpt = save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, None, {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == 0o644
+    assert ckpt.stat().st_mode & 0o777 == 0o755
+    assert (ckpt / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_write_leaves_previous_file_on_failure(tmp_path):
     target = tmp_path / "out.json"
     write_text_atomic(target, json.dumps({"v": 1}))

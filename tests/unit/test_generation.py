@@ -102,6 +102,10 @@ def test_sampler_settings_override_only_given_flags():
     assert settings.min_steps == 3
     with pytest.raises(InputError, match="--steps"):
         sampler_settings(section, steps=0)
+    # A constant proportion of 0 would only ever return the random start tokens.
+    with pytest.raises(InputError, match="--proportion 0 updates no token"):
+        sampler_settings(section, proportion=(0.0, 0.0))
+    assert sampler_settings(section, proportion=(0.5, 0.0)).proportion == (0.5, 0.0)
 
 
 # --- outputs -----------------------------------------------------------------

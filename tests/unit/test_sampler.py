@@ -81,6 +81,13 @@ def test_settings_validate_with_flag_names_and_schedule():
     ]:
         with pytest.raises(InputError, match=flag):
             SamplerSettings(**fields)
+    # Messages show the value as the flag takes it, with a hint.
+    with pytest.raises(InputError, match=r"got 1:0$") as info:
+        SamplerSettings(temperature=(1.0, 0.0))
+    assert "--temperature 1.0:0.7" in info.value.hint
+    with pytest.raises(InputError, match=r"got 2$") as info:
+        SamplerSettings(proportion=2.0)
+    assert "--proportion 0.5" in info.value.hint
     settings = SamplerSettings(steps=5, temperature=(1.0, 0.6), proportion=0.3)
     assert settings.proportion == (0.3, 0.3)
     assert settings.temperature_at(0) == 1.0
