@@ -23,6 +23,7 @@ import torch
 
 from sundae_cli.errors import DataError, TrainingError
 from sundae_cli.objective import unrolled_loss
+from sundae_cli.training import TrainResult
 
 if TYPE_CHECKING:
     from sundae_cli.distributed import DistInfo
@@ -428,38 +429,21 @@ def effective_batch(setup: PriorSetup) -> int:
 # ---------------------------------------------------------------- the run
 
 
-@dataclass
-class PriorResult:
-    run_path: Path
-    step: int
-    checkpoint: Path | None
-    metrics: dict[str, float]
-
-
 def open_run(
     setup: PriorSetup, out: Path | None, resume: str | None
 ) -> tuple[RunInfo, dict[str, Any] | None]:
     """A new run directory, or the resumed run and its training state."""
-    from sundae_cli.checkpoints import load_state, read_meta, require_checkpoint
-    from sundae_cli.runs import RunInfo, create_run, resolve_run
-    from sundae_cli.training import check_resume_recipe
+    from sundae_cli.training import open_run as open_training_run
 
-    recipe = setup.recipe
-    if resume is not None:
-        run = resolve_run(resume, STAGE)
-        ckpt = require_checkpoint(run.path)
-        check_resume_recipe(read_meta(ckpt)["recipe"], recipe.to_dict(), STAGE)
-        log.info("resuming %s from %s", run.name, ckpt.name)
-        return run, load_state(ckpt)
-    if not setup.dist.is_main:
-        return RunInfo(Path(out or "."), {}), None
     info = {
-        "backend": recipe.prior.backend,
+        "backend": setup.recipe.prior.backend,
         "autoencoder": setup.autoencoder,
         "effective_batch": effective_batch(setup),
         "world_size": setup.dist.world_size,
     }
-    return create_run(STAGE, recipe.name, info, out), None
+    return open_training_run(
+        STAGE, "prior", setup.recipe, setup.dist, out=out, resume=resume, info=info
+    )
 
 
 def _latents_path(recipe: Recipe, latents: Path | None, resume: str | None) -> Path:
@@ -482,7 +466,7 @@ def train_prior(
     out: Path | None = None,
     resume: str | None = None,
     compile_model: bool = False,
-) -> PriorResult:
+) -> TrainResult:
     """Train (or resume) a prior run; returns where it is and its last metrics.
 
     Under torchrun every rank calls this; only rank 0 creates the run directory
@@ -505,7 +489,7 @@ def train_prior(
             recipe_text = _recipe_toml(recipe)
             (run.path / "recipe.toml").write_text(recipe_text)
         metrics = run_loop(trainer)
-        return PriorResult(run.path, trainer.step, trainer.last_checkpoint, metrics)
+        return TrainResult(run.path, trainer.step, trainer.last_checkpoint, metrics)
     finally:
         setup.latents.close()
         distributed.teardown()

@@ -36,6 +36,7 @@ import torch
 from sundae_cli.errors import DataError, TrainingError
 from sundae_cli.training import (
     ResumableStream,
+    TrainResult,
     build_optimizer,
     capture_rng,
     check_batch_fits,
@@ -456,37 +457,20 @@ def _status(metrics: dict[str, float]) -> str:
 # ---------------------------------------------------------------- the run
 
 
-@dataclass
-class VQResult:
-    run_path: Path
-    step: int
-    checkpoint: Path | None
-    metrics: dict[str, float]
-
-
 def open_run(
     setup: VQSetup, out: Path | None, resume: str | None
 ) -> tuple[RunInfo, dict[str, Any] | None]:
     """A new run directory, or the resumed run and its training state."""
-    from sundae_cli.checkpoints import load_state, read_meta, require_checkpoint
-    from sundae_cli.runs import RunInfo, create_run, resolve_run
-    from sundae_cli.training import check_resume_recipe
+    from sundae_cli.training import open_run as open_training_run
 
-    recipe = setup.recipe
-    if resume is not None:
-        run = resolve_run(resume, STAGE)
-        ckpt = require_checkpoint(run.path)
-        check_resume_recipe(read_meta(ckpt)["recipe"], recipe.to_dict(), "vqgan")
-        log.info("resuming %s from %s", run.name, ckpt.name)
-        return run, load_state(ckpt)
-    if not setup.dist.is_main:
-        return RunInfo(Path(out or "."), {}), None
     info = {
-        "backend": recipe.autoencoder.backend,
+        "backend": setup.recipe.autoencoder.backend,
         "world_size": setup.dist.world_size,
         "effective_batch": effective_batch(setup),
     }
-    return create_run(STAGE, recipe.name, info, out), None
+    return open_training_run(
+        STAGE, "vqgan", setup.recipe, setup.dist, out=out, resume=resume, info=info
+    )
 
 
 def train_vqgan(
@@ -497,7 +481,7 @@ def train_vqgan(
     resume: str | None = None,
     perceptual_weights: Path | None = None,
     compile_model: bool = False,
-) -> VQResult:
+) -> TrainResult:
     """Train (or resume) an autoencoder run on an image folder.
 
     Under torchrun every rank calls this; only rank 0 creates the run directory
@@ -528,7 +512,7 @@ def train_vqgan(
             save=lambda: save(trainer),
             status=_status,
         )
-        return VQResult(run.path, trainer.step, trainer.last_checkpoint, metrics)
+        return TrainResult(run.path, trainer.step, trainer.last_checkpoint, metrics)
     finally:
         distributed.teardown()
 

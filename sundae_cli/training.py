@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sundae_cli.errors import (
@@ -577,3 +578,46 @@ def _interrupted(
         f"{what} at step {trainer.step}{where}",
         hint=f"continue with `sundae train {command} --resume {trainer.run.path}`",
     )
+
+
+# ------------------------------------------------------------------ runs
+
+
+@dataclass
+class TrainResult:
+    """Where a finished (or stopped) training run is, and its last logged metrics."""
+
+    run_path: Path
+    step: int
+    checkpoint: Path | None
+    metrics: dict[str, float]
+
+
+def open_run(
+    kind: str,
+    stage: str,
+    recipe: Any,
+    dist: Any,
+    *,
+    out: Path | None,
+    resume: str | None,
+    info: dict[str, Any],
+) -> tuple[Any, dict[str, Any] | None]:
+    """A new run directory, or the resumed run and its training state.
+
+    `kind` is the run kind ("autoencoder" or "prior"), `stage` the recipe section
+    whose architecture must not change on resume ("vqgan" or "prior"). Only rank 0
+    creates a new run; the other ranks get a placeholder they never write into.
+    """
+    from sundae_cli.checkpoints import load_state, read_meta, require_checkpoint
+    from sundae_cli.runs import RunInfo, create_run, resolve_run
+
+    if resume is not None:
+        run = resolve_run(resume, kind)
+        ckpt = require_checkpoint(run.path)
+        check_resume_recipe(read_meta(ckpt)["recipe"], recipe.to_dict(), stage)
+        log.info("resuming %s from %s", run.name, ckpt.name)
+        return run, load_state(ckpt)
+    if not dist.is_main:
+        return RunInfo(Path(out or "."), {}), None
+    return create_run(kind, recipe.name, info, out), None

@@ -168,7 +168,10 @@ def launch(home: Path, dump: Path, options: str, *args: str) -> tuple[int, str, 
 
 
 def ranks(dump: Path) -> tuple[dict, dict]:
-    return torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    return (
+        torch.load(dump / "rank0.pt", weights_only=True),
+        torch.load(dump / "rank1.pt", weights_only=True),
+    )
 
 
 def assert_equal(a: dict, b: dict) -> None:
