@@ -11,6 +11,8 @@ the classifier's penultimate features of the set and of the 1,000 held-out real 
     real (train split)   1,000 real digits the classifier and the models trained on
     reconstructions      held-out digits through the VQ-GAN (encode + decode)
     samples              the prior's samples at its recipe's default sampler settings
+                         (a class-conditional prior is given classes 0..9 in turn,
+                         as `sundae sample` does)
     random tokens        uniformly random token grids decoded by the VQ-GAN
 
 The distance is computed in-project on this classifier's features: it is NOT
@@ -32,6 +34,7 @@ from torch import nn
 
 from sundae_cli.datasets import digit_cells, in_split
 from sundae_cli.fid import FeatureStats, frechet_distance
+from sundae_cli.generation import class_of
 from sundae_cli.images import fit_to, to_tensor
 from sundae_cli.models import (
     autoencoder_for_prior,
@@ -141,9 +144,13 @@ def sample_images(
         min_steps=section.min_steps,
         early_stop=section.early_stop,
     )
+    # A class-conditional prior gets the labels `sundae sample` gives it by default:
+    # sample i is conditioned on class i mod num_classes.
+    num_classes = int(getattr(prior.recipe.prior.config, "num_classes", 0) or 0)
     images, steps = [], []
     for start in range(0, count, section.batch_size):
         indices = range(start, min(count, start + section.batch_size))
+        classes = [class_of(num_classes, None, i) for i in indices]
         result = sample_tokens(
             lambda tokens, labels: prior.model(tokens, labels),
             batch_size=len(indices),
@@ -151,6 +158,7 @@ def sample_images(
             codebook_size=prior.recipe.codebook_size,
             seeds=[derive_seed(seed, i) for i in indices],
             settings=settings,
+            class_labels=None if not num_classes else torch.tensor(classes),
         )
         images.append(decoder.model.decode(result.tokens).cpu())
         steps += result.steps_used

@@ -395,6 +395,11 @@ def _write_batch(
 
 def run_job(models: GenerationModels, job: Job) -> JobResult:
     """Sample, decode and write `job.count` images in batches of `job.batch_size`."""
+    if job.num_classes and job.class_label is None:
+        log.info(
+            "class-conditional prior: image i gets class i mod %d (--class picks one)",
+            job.num_classes,
+        )
     started = time.perf_counter()
     paths: list[Path] = []
     steps_used: list[int] = []

@@ -182,6 +182,16 @@ def test_class_flag_checks(run, tmp_path):
     assert good.exit_code == 0, good.stderr
     assert json.loads((tmp_path / "c" / "sample-00001.json").read_text())["class"] == 2
 
+    # Without --class a conditional prior cycles through its classes, and says so.
+    cycled = run(
+        "sample", "-n", 4, "--out", tmp_path / "d", *FAST,
+        "--model", conditional.prior, model=False,
+    )  # fmt: skip
+    assert cycled.exit_code == 0, cycled.stderr
+    assert "image i gets class i mod 3" in " ".join(cycled.stderr.split())
+    sidecars = files(tmp_path / "d", "*.json")
+    assert [json.loads(p.read_text())["class"] for p in sidecars] == [0, 1, 2, 0]
+
 
 def test_command_module_does_not_import_torch():
     code = (
