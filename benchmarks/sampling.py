@@ -1,6 +1,8 @@
 """Sampling benchmarks: speed, hardware efficiency, sampler overhead, windowing cost.
 
     python benchmarks/sampling.py            # a few minutes on two CPU cores
+    python benchmarks/sampling.py windowed   # only some sections (speed, efficiency,
+                                             # windowed)
 
 Everything is measured side by side in one run on random-initialised hourglass
 priors (no trained weights are needed), on the CPU with two threads and fp32:
@@ -17,7 +19,8 @@ priors (no trained weights are needed), on the CPU with two threads and fp32:
     forward, as a fraction of a full step, same model and inputs. Target: <= 5%.
 (d) windowed generation on a canvas of twice the native area (16x32 tokens with a
     16x16 window) against the native canvas: time and peak resident memory, each
-    run in a fresh process. Target: <= 2.3x.
+    run in a fresh process, for fixed windows overlapping by 0 and by half a window
+    and for the alternating shifted tiling (`--tiling shifted`). Target: <= 2.3x.
 """
 
 from __future__ import annotations
@@ -27,16 +30,18 @@ import multiprocessing
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from sundae_cli.canvas import windows_per_step
 from sundae_cli.recipes import load_recipe
 from sundae_cli.sampler import SamplerSettings, propose, sample_tokens
 from sundae_cli.windows import (
+    ShiftedTilings,
     estimate_sampling_memory,
-    window_positions,
     windowed_logits_fn,
 )
 
@@ -290,30 +295,34 @@ def bench_efficiency() -> list[str]:
 # --------------------------------------------------------------- (d)
 
 
-def _windowed_sampler(canvas, overlap, steps: int):
+def _windowed_sampler(canvas, overlap, tiling, steps: int):
     """A zero-argument run of the windowed sampler on `canvas` (batch BATCH_D)."""
     model = build_prior(SMALL)
-    logits_fn = windowed_logits_fn(
-        logits_of(model), canvas=canvas, window=WINDOW, overlap=overlap
-    )
+    if tiling == "shifted":
+        logits_fn = ShiftedTilings(logits_of(model), canvas, WINDOW)
+    else:
+        logits_fn = windowed_logits_fn(
+            logits_of(model), canvas=canvas, window=WINDOW, overlap=overlap
+        )
     run_sampler(logits_fn, canvas, 1, 1024, SamplerSettings(steps=1))  # warm up
     settings = SamplerSettings(steps=steps, early_stop=False)
     return functools.partial(run_sampler, logits_fn, canvas, BATCH_D, 1024, settings)
 
 
-def _memory_child(canvas, overlap, queue) -> None:
+def _memory_child(canvas, overlap, tiling, queue) -> None:
     """In a fresh process: peak RSS growth of sampling `canvas`."""
     torch.set_num_threads(THREADS)
-    run = _windowed_sampler(canvas, overlap, steps=2)
+    run = _windowed_sampler(canvas, overlap, tiling, steps=2)
     before = peak_reset()
     run()
     queue.put(max(peak_rss() - before, 0))
 
 
-def _peak_memory(canvas, overlap) -> int:
+def _peak_memory(canvas, overlap, tiling) -> int:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_memory_child, args=(canvas, overlap, queue))
+    args = (canvas, overlap, tiling, queue)
+    child = context.Process(target=_memory_child, args=args)
     child.start()
     peak = queue.get()
     child.join()
@@ -326,33 +335,52 @@ def bench_windowed() -> list[str]:
         f"(d) windowed generation: width 128 prior, batch {BATCH_D}, 5 steps, "
         "16x16 window; time: fastest of 3 interleaved; memory: peak RSS growth "
         "in a fresh process",
-        f"{'canvas':<10}{'overlap':<9}{'windows':>8}{'seconds':>9}{'time x':>8}"
+        f"{'canvas':<10}{'tiling':<14}{'windows':>8}{'seconds':>9}{'time x':>8}"
         f"{'peak MiB':>10}{'memory x':>10}{'estimate x':>12}",
     ]
-    cases = [((16, 16), None), ((16, 32), 0), ((16, 32), None)]
+    cases = [
+        ((16, 16), None, "overlap"),
+        ((16, 32), 0, "overlap"),
+        ((16, 32), None, "overlap"),
+        ((16, 32), None, "shifted"),
+    ]
     timed = interleaved({case: _windowed_sampler(*case, steps=5) for case in cases}, 3)
     memory = {case: _peak_memory(*case) for case in cases}
     base = cases[0]
     for case in cases:
-        (canvas, overlap), seconds = case, timed[case][0]
-        windows = len(window_positions(canvas, WINDOW, overlap))
+        (canvas, overlap, tiling), seconds = case, timed[case][0]
+        windows = windows_per_step(canvas, WINDOW, overlap, tiling)
+        name = "shifted" if tiling == "shifted" else f"overlap {overlap or 'half'}"
+        name = "overlap 0" if overlap == 0 else name
         estimate = estimate_sampling_memory(BATCH_D, canvas, WINDOW, 1024, 128)
         native = estimate_sampling_memory(BATCH_D, base[0], WINDOW, 1024, 128)
         rows.append(
-            f"{canvas[0]}x{canvas[1]:<7}{'half' if overlap is None else overlap:<9}"
-            f"{windows:>8}{seconds:>9.2f}{seconds / timed[base][0]:>8.2f}"
+            f"{canvas[0]}x{canvas[1]:<7}{name:<14}"
+            f"{windows:>8g}{seconds:>9.2f}{seconds / timed[base][0]:>8.2f}"
             f"{memory[case] / 2**20:>10.1f}"
             f"{memory[case] / max(memory[base], 1):>10.2f}{estimate / native:>12.2f}"
         )
     return rows + ["    target: time and memory <= 2.3x the native canvas"]
 
 
+SECTIONS = {
+    "speed": bench_speed,
+    "efficiency": bench_efficiency,
+    "windowed": bench_windowed,
+}
+
+
 def main() -> None:
+    # Optional arguments pick sections: `python benchmarks/sampling.py windowed`.
+    chosen = sys.argv[1:] or list(SECTIONS)
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        sys.exit(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
     print(f"torch {torch.__version__}, {THREADS} threads, fp32, CPU")
-    for section in (bench_speed, bench_efficiency, bench_windowed):
-        print("\n".join(section()), flush=True)
+    for name in chosen:
+        print("\n".join(SECTIONS[name]()), flush=True)
         print(flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")
 

@@ -10,7 +10,9 @@ codebook size.
   size it is exactly `sample`: same seeds, same code path, same bytes. On a larger or
   non-square canvas the prior runs on overlapping windows of its native grid each
   step (`windows.windowed_logits_fn`: the windows' log-probabilities are averaged per
-  position) and every position is updated in parallel. A canvas smaller than the
+  position), or with `--tiling shifted` on side-by-side windows whose tiling moves
+  by half a window every other step (`windows.ShiftedTilings`); either way every
+  position is updated in parallel. A canvas smaller than the
   native grid runs as one clipped window if the prior accepts that grid; otherwise
   the prior's own error is reported.
 - Memory: before weights are loaded, the peak is estimated (`estimate_memory`: the
@@ -55,7 +57,9 @@ from sundae_cli.images import fit_to, load_rgb, to_tensor
 from sundae_cli.recipes import Recipe
 from sundae_cli.sampler import LogitsFn, derive_seed
 from sundae_cli.windows import (
+    ShiftedTilings,
     estimate_sampling_memory,
+    shifted_tilings,
     window_positions,
     windowed_logits_fn,
 )
@@ -240,11 +244,36 @@ def canvas_logits_fn(
     canvas: tuple[int, int],
     window: tuple[int, int],
     overlap: int | None,
+    tiling: str = "overlap",
 ) -> LogitsFn:
-    """Logits for a canvas (h, w) of tokens from a prior trained on `window`."""
+    """Logits for a canvas (h, w) of tokens from a prior trained on `window`.
+
+    `tiling` "overlap": fixed overlapping windows, averaged (`--overlap` tokens
+    shared); "shifted": windows side by side, shifted by half a window every other
+    step (`windows.ShiftedTilings`).
+    """
+    if tiling == "shifted" and (canvas[0] > window[0] or canvas[1] > window[1]):
+        return ShiftedTilings(logits_fn, canvas, window, max_batch=WINDOW_BATCH)
     return windowed_logits_fn(
         logits_fn, canvas=canvas, window=window, overlap=overlap, max_batch=WINDOW_BATCH
     )
+
+
+def windows_per_step(
+    canvas: tuple[int, int], window: tuple[int, int], overlap: int | None, tiling: str
+) -> float:
+    """Tokens the network sees per sampler step, in whole windows (the cost).
+
+    For the shifted tiling this is the mean of its two tilings, with a half-size
+    edge window counting as half a window.
+    """
+    area = window[0] * window[1]
+    if tiling == "shifted":
+        tilings = shifted_tilings(canvas, window)
+        tokens = sum(h * w for tiling in tilings for *_, h, w in tiling)
+        return tokens / len(tilings) / area
+    fitted = min(canvas[0], window[0]) * min(canvas[1], window[1])
+    return len(window_positions(canvas, window, overlap)) * fitted / area
 
 
 def _init_start(models: GenerationModels, path: Path, grid, strength: float):
@@ -298,6 +327,7 @@ class GenerateOptions(GenerationOptions):
     size: tuple[int, int] | None = None  # (height, width) pixels
     resolution: str | None = None  # 256, 512, 1024 or native
     overlap: int | None = None  # tokens shared by neighbouring windows
+    tiling: str = "overlap"  # "overlap" or "shifted" (see canvas_logits_fn)
     init: Path | None = None
     strength: float = 0.5
 
@@ -379,6 +409,16 @@ def _canvas_plan(options: GenerateOptions, choice: PriorChoice) -> tuple[int, in
             f"--strength must be in [0, 1], got {options.strength}",
             hint="--strength 0.5 re-randomises half of the --init image's tokens",
         )
+    if options.tiling not in ("overlap", "shifted"):
+        raise InputError(
+            f"--tiling must be 'overlap' or 'shifted', got {options.tiling!r}",
+            hint="--tiling shifted is the faster of the two",
+        )
+    if options.tiling == "shifted" and options.overlap is not None:
+        raise InputError(
+            "--overlap applies to --tiling overlap only; shifted windows never overlap",
+            hint="drop --overlap, or use --tiling overlap",
+        )
     recipe = choice.recipe
     size = requested_size(recipe, options.size, options.resolution)
     return canvas_grid(size, recipe.downsample_factor)
@@ -392,10 +432,16 @@ def generate(options: GenerateOptions) -> JobResult:
     estimate = estimate_memory(choice, batch_size(options, choice), grid, encode)
     check_memory(estimate, options.device, "choose a smaller --size or --batch-size")
     window = choice.recipe.grid
-    windows = len(window_positions(grid, window, options.overlap))  # --overlap
+    windows = windows_per_step(grid, window, options.overlap, options.tiling)
     models = load_models(choice, options.autoencoder, options.device)
-    log.info("canvas %dx%d tokens, %d window(s) of %dx%d", *grid, windows, *window)
-    logits_fn = canvas_logits_fn(prior_logits_fn(models), grid, window, options.overlap)
+    log.info(
+        "canvas %dx%d tokens: %g window(s) of %dx%d worth of tokens per step (%s "
+        "tiling)",
+        *grid, windows, *window, options.tiling,
+    )  # fmt: skip
+    logits_fn = canvas_logits_fn(
+        prior_logits_fn(models), grid, window, options.overlap, options.tiling
+    )
     start = None
     if options.init is not None:
         start = _init_start(models, options.init, grid, options.strength)
@@ -403,6 +449,7 @@ def generate(options: GenerateOptions) -> JobResult:
         "window": list(window),
         "windows": windows,
         "overlap": options.overlap,
+        "tiling": options.tiling,
         "init": None if options.init is None else Path(options.init).name,
         "strength": options.strength if options.init is not None else None,
     }

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from einops import rearrange
@@ -46,6 +46,16 @@ log = logging.getLogger(__name__)
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 MASK64 = (1 << 64) - 1
+
+
+@runtime_checkable
+class StepAware(Protocol):
+    """A logits function that varies with the step (such as `ShiftedTilings`).
+
+    The sampler calls `set_step(step)` right before each step's network call.
+    """
+
+    def set_step(self, step: int) -> None: ...
 
 
 def _splitmix64(value: int) -> int:
@@ -232,6 +242,8 @@ def _refine_step(
 ) -> torch.Tensor:
     """Run one step on the active samples in place; return changed counts (b',)."""
     tokens = rearrange(active.tokens, "b (h w) -> b h w", h=grid[0], w=grid[1])
+    if isinstance(logits_fn, StepAware):
+        logits_fn.set_step(step)
     logits = rearrange(logits_fn(tokens, active.labels), "b h w k -> b (h w) k")
     uniforms = _draw(
         [generators[i] for i in active.index],

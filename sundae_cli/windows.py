@@ -9,12 +9,20 @@ that cover the canvas (`window_positions`: stride window - overlap per axis, the
 last window flush with the edge) and averages, per position, the log-probabilities
 of the windows that cover it (`windowed_logits_fn`). The sampler then updates every
 position of the canvas in parallel, exactly as on the native grid.
+
+`ShiftedTilings` is the cheaper alternative (`--tiling shifted`): windows that do
+not overlap, with the whole tiling moved by half a window on every other step
+(`shifted_tilings`; the shifted tiling uses half-size windows along the canvas
+edges). Each step costs about the canvas area, as with `--overlap 0`, but no window
+boundary stays put, so the seams that a fixed tiling leaves are refined away.
+
 `estimate_sampling_memory` gives a rough upper bound of the memory this needs,
 computed without a model.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Literal
 
 import torch
@@ -140,6 +148,113 @@ def _accumulate_windows(
                 logp[low - start : high - start] * weights
             )
     return total
+
+
+Rect = tuple[int, int, int, int]  # top, left, height, width (tokens)
+
+
+def _plain_segments(size: int, window: int) -> list[tuple[int, int]]:
+    """(start, length) along one axis: whole windows side by side, the last flush.
+
+    The flush last window overlaps its neighbour when `size` is not a multiple of
+    `window`; positions covered twice are averaged.
+    """
+    if size <= window:
+        return [(0, size)]
+    starts = list(range(0, size - window + 1, window))
+    if starts[-1] + window < size:
+        starts.append(size - window)
+    return [(start, window) for start in starts]
+
+
+def _shifted_segments(size: int, window: int) -> list[tuple[int, int]]:
+    """(start, length) along one axis, cut half a window later than `_plain_segments`.
+
+    A half window starts the axis; whole windows follow; the end is a half window
+    when that fits exactly, else a whole window flush with the edge. Only half and
+    whole windows are used, so any window size the prior accepts at half size works.
+    """
+    half = window // 2
+    if size <= window or half == 0:
+        return _plain_segments(size, window)
+    segments, start = [(0, half)], half
+    while start + window <= size:
+        segments.append((start, window))
+        start += window
+    if start == size - half:
+        segments.append((start, half))
+    elif start < size:
+        segments.append((size - window, window))
+    return segments
+
+
+def shifted_tilings(
+    canvas: tuple[int, int], window: tuple[int, int]
+) -> tuple[list[Rect], list[Rect]]:
+    """Two tilings of `canvas` by windows at most `window`: plain and half-shifted.
+
+    Every position lies inside a window of each tiling; a boundary between windows
+    of one tiling runs through the middle of a window of the other.
+    """
+    tilings = []
+    for segments in (_plain_segments, _shifted_segments):
+        rows = segments(canvas[0], window[0])
+        cols = segments(canvas[1], window[1])
+        tilings.append([(t, c, h, w) for t, h in rows for c, w in cols])
+    return tilings[0], tilings[1]
+
+
+class ShiftedTilings:
+    """A canvas logits function that alternates two tilings step by step.
+
+    The sampler calls `set_step(step)` before every network call (see
+    `sampler.StepAware`): even steps use the plain tiling, odd steps the shifted
+    one, so the result depends only on the step, never on earlier batches. Windows
+    of one size are batched together, at most `max_batch` per network call.
+    """
+
+    def __init__(
+        self,
+        logits_fn: LogitsFn,
+        canvas: tuple[int, int],
+        window: tuple[int, int],
+        max_batch: int = 16,
+    ) -> None:
+        self.logits_fn, self.canvas, self.max_batch = logits_fn, canvas, max_batch
+        self.step = 0
+        self.tilings = []  # per tiling: ({(h, w): [(top, left)]}, coverage (H, W))
+        for rects in shifted_tilings(canvas, window):
+            by_size: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+            coverage = torch.zeros(canvas)
+            for top, left, h, w in rects:
+                by_size[(h, w)].append((top, left))
+                coverage[top : top + h, left : left + w] += 1
+            self.tilings.append((dict(by_size), coverage))
+
+    @property
+    def windows_per_step(self) -> float:
+        """Mean number of network windows per step (half windows count as one)."""
+        counts = [sum(map(len, by_size.values())) for by_size, _ in self.tilings]
+        return sum(counts) / len(counts)
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def __call__(self, tokens: torch.Tensor, labels: torch.Tensor | None):
+        by_size, coverage = self.tilings[self.step % 2]
+        total = None
+        for size, positions in by_size.items():
+            part = _accumulate_windows(
+                self.logits_fn,
+                tokens,
+                labels,
+                positions,
+                torch.ones(size),
+                self.canvas,
+                self.max_batch,
+            )
+            total = part if total is None else total + part
+        return total / coverage.to(total.device)[None, :, :, None]
 
 
 def _window_count(length: int, window: int) -> int:

@@ -22,6 +22,13 @@ class Update(StrEnum):
     confidence = "confidence"
 
 
+class Tiling(StrEnum):
+    """How `generate` covers a canvas larger than the prior's grid with windows."""
+
+    overlap = "overlap"
+    shifted = "shifted"
+
+
 class MaskPolicy(StrEnum):
     """When a token counts as masked (see `sundae_cli.masks.token_mask`)."""
 
@@ -239,9 +246,18 @@ def generate(
             "--overlap",
             min=0,
             help="Tokens shared by neighbouring windows (default: half a window; "
-            "0 is fastest).",
+            "0 is fastest). Only with --tiling overlap.",
         ),
     ] = None,
+    tiling: Annotated[
+        Tiling,
+        typer.Option(
+            "--tiling",
+            help="Windows on a larger canvas: 'overlap' averages fixed overlapping "
+            "windows; 'shifted' puts windows side by side and moves them by half a "
+            "window every other step (about the cost of --overlap 0, no fixed seams).",
+        ),
+    ] = Tiling.overlap,
     init: Annotated[
         Path | None,
         typer.Option("--init", help="Start from this image (upscale or vary it)."),
@@ -294,6 +310,7 @@ def generate(
         size=None if size is None else parse_size(size),
         resolution=None if resolution is None else resolution.value,
         overlap=overlap,
+        tiling=tiling.value,
         init=init,
         strength=strength,
     )

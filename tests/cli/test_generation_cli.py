@@ -243,6 +243,26 @@ def test_generate_non_square_larger_canvas(run, tmp_path):
     assert sidecar["grid"] == [8, 16] and sidecar["window"] == [8, 8]
 
 
+def test_generate_shifted_tiling(run, tmp_path):
+    result = run(
+        "generate", "--size", "64x32", "--tiling", "shifted", "--seed", 3,
+        "--out", tmp_path / "s", *FAST,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "2 window(s)" in result.stderr and "shifted tiling" in result.stderr
+    assert Image.open(tmp_path / "s" / "generate-00000.png").size == (64, 32)
+    sidecar = json.loads((tmp_path / "s" / "generate-00000.json").read_text())
+    assert sidecar["tiling"] == "shifted" and sidecar["grid"] == [8, 16]
+    both = run(
+        "generate", "--size", "64x32", "--tiling", "shifted", "--overlap", 2,
+        "--out", tmp_path / "b", *FAST,
+    )  # fmt: skip
+    assert both.exit_code == 2 and "--overlap applies to --tiling overlap" in (
+        " ".join(both.stderr.split())
+    )
+    assert not (tmp_path / "b").exists()
+
+
 def test_generate_canvas_smaller_than_the_window(run, tmp_path):
     fits = run("generate", "--size", "32x16", "--out", tmp_path / "a", *FAST)
     assert fits.exit_code == 0, fits.stderr

@@ -1,4 +1,4 @@
-"""The SUNDAE sampler: seeding, early stopping, fixed positions, updates, windows."""
+"""The SUNDAE sampler: seeding, early stopping, fixed positions, updates."""
 
 from __future__ import annotations
 
@@ -12,11 +12,6 @@ from sundae_cli.sampler import (
     derive_seed,
     propose,
     sample_tokens,
-)
-from sundae_cli.windows import (
-    estimate_sampling_memory,
-    window_positions,
-    windowed_logits_fn,
 )
 
 K = 6
@@ -231,71 +226,6 @@ def test_confidence_update_in_the_sampler():
     result = run(logits_fn, [3], init_tokens=init, settings=settings)
     changed = torch.nonzero(result.tokens.flatten() == 0).flatten().tolist()
     assert changed == [15, 16, 17, 18, 19]
-
-
-# --- windows --------------------------------------------------------------------
-
-
-def test_window_positions_cover_the_canvas_flush():
-    positions = window_positions((13, 20), (8, 8))
-    assert sorted({top for top, _ in positions}) == [0, 4, 5]
-    assert sorted({left for _, left in positions}) == [0, 4, 8, 12]
-    covered = torch.zeros(13, 20)
-    for top, left in positions:
-        covered[top : top + 8, left : left + 8] += 1
-    assert (covered > 0).all()
-    assert window_positions((8, 8), (8, 8)) == [(0, 0)]
-    assert window_positions((6, 20), (8, 8), overlap=0) == [(0, 0), (0, 8), (0, 12)]
-    with pytest.raises(InputError, match="--overlap must be in"):
-        window_positions((13, 20), (8, 8), overlap=8)
-
-
-def test_windowed_equals_plain_when_one_window_covers_the_canvas():
-    assert windowed_logits_fn(table_logits, canvas=(4, 5), window=(4, 5)) is (
-        table_logits
-    )
-
-
-@pytest.mark.parametrize("weighting", ["uniform", "tapered"])
-def test_windowed_logits_average_log_probabilities(weighting):
-    def positional(tokens, labels):
-        b, h, w = tokens.shape
-        rows = torch.arange(h)[:, None, None].float()
-        cols = torch.arange(w)[None, :, None].float()
-        codes = torch.arange(K).float()
-        base = (rows * 0.3 + cols * 0.7 + 1) * codes / K  # window-local position
-        logits = base + tokens[..., None].float() * 0.1 + labels[:, None, None, None]
-        return logits.log_softmax(-1)
-
-    canvas, window = (7, 10), (4, 4)
-    tokens = torch.randint(
-        0, K, (2, *canvas), generator=torch.Generator().manual_seed(0)
-    )
-    labels = torch.tensor([0.0, 1.0])
-    combined = windowed_logits_fn(
-        positional, canvas=canvas, window=window, weighting=weighting, max_batch=3
-    )(tokens, labels)
-
-    total = torch.zeros(2, *canvas, K)
-    weight = torch.zeros(*canvas, 1)
-    tent = torch.tensor([1.0, 2.0, 2.0, 1.0])
-    cell = torch.outer(tent, tent) if weighting == "tapered" else torch.ones(4, 4)
-    for top, left in window_positions(canvas, window):
-        crop = tokens[:, top : top + 4, left : left + 4]
-        total[:, top : top + 4, left : left + 4] += (
-            positional(crop, labels) * cell[:, :, None]
-        )
-        weight[top : top + 4, left : left + 4] += cell[:, :, None]
-    assert torch.allclose(combined, total / weight, atol=1e-6)
-
-
-def test_sampling_on_a_larger_canvas_and_memory_estimate():
-    logits_fn = windowed_logits_fn(table_logits, canvas=(6, 9), window=(4, 4))
-    result = run(logits_fn, [0, 1], grid=(6, 9))
-    assert result.tokens.shape == (2, 6, 9)
-    small = estimate_sampling_memory(4, (32, 32), (32, 32), 8192, 1024)
-    large = estimate_sampling_memory(4, (64, 64), (32, 32), 8192, 1024)
-    assert 4 * 32 * 32 * 8192 * 4 < small < large
 
 
 def test_bad_requests_are_input_errors():
