@@ -87,6 +87,14 @@ def _open_readonly(path: str | os.PathLike) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as err:
+        if path.name.endswith(".partial.h5"):
+            # A killed encode can leave its partial file unreadable; the next
+            # encode discards such a partial and starts again.
+            raise DataError(
+                f"{path} is the unreadable partial file of an interrupted encode",
+                "re-run the same `sundae encode` command: it resumes a readable "
+                "partial and replaces an unreadable one",
+            ) from err
         raise DataError(
             f"{path} is not a readable HDF5 file (truncated?)", REENCODE
         ) from err

@@ -245,6 +245,13 @@ def test_truncated_file_is_refused(tmp_path):
 
     assert "re-run `sundae encode`" in error.value.hint
 
+    # The same damage to an interrupted encode's partial file says it will resume.
+    partial = tmp_path / "latents.partial.h5"
+    path.rename(partial)
+    with pytest.raises(DataError, match="unreadable partial file") as error:
+        describe_latents(partial)
+    assert "re-run the same `sundae encode`" in error.value.hint
+
 
 def test_missing_and_incomplete_files_are_refused(tmp_path):
     path = tmp_path / "latents.h5"
