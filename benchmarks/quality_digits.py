@@ -167,19 +167,29 @@ def sample_images(
     return torch.cat(images), steps
 
 
+def schedule(values: list[float] | None) -> tuple[float, float] | None:
+    """(start, end) from one or two command-line values."""
+    if not values:
+        return None
+    if len(values) > 2:
+        sys.exit("give one value or START END")
+    return (values[0], values[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="prior run (default: newest, else bundled)")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, help="override (tuning only)")
-    parser.add_argument("--proportion", type=float, help="override (tuning only)")
+    tuning = "override (tuning only): one value, or START END of a linear schedule"
+    parser.add_argument("--temperature", type=float, nargs="+", help=tuning)
+    parser.add_argument("--proportion", type=float, nargs="+", help=tuning)
     parser.add_argument("--steps", type=int, help="override (tuning only)")
     parser.add_argument("--update", choices=["random", "confidence"], help="override")
     args = parser.parse_args()
     overrides = {
-        "temperature": args.temperature and (args.temperature, args.temperature),
-        "proportion": args.proportion and (args.proportion, args.proportion),
+        "temperature": schedule(args.temperature),
+        "proportion": schedule(args.proportion),
         "steps": args.steps,
         "update": args.update,
     }

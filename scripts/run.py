@@ -63,9 +63,13 @@ def demo() -> None:
         "--out", samples, "--overwrite",
     )  # fmt: skip
     examples = ROOT / "examples"
+    # The example is a 3 with its lower half masked; the bundled prior is
+    # class-conditional, so ask for completions as a 3 (without --class the eight
+    # completions would be conditioned on classes 0..7 in turn).
     run(
         sundae, "inpaint", examples / "digit.png", examples / "mask.png",
-        "-n", "8", "--model", "bundled", "--out", inpainted, "--overwrite",
+        "-n", "8", "--class", "3", "--model", "bundled",
+        "--out", inpainted, "--overwrite",
     )  # fmt: skip
     strip = inpaint_strip(examples, inpainted, DEMO_OUT / "inpaint-strip.png")
     print(f"samples:    {samples}/ (grid: {samples / 'grid.png'})")
