@@ -113,7 +113,7 @@ def windowed_logits_fn(
         total = _accumulate_windows(
             logits_fn, tokens, labels, positions, weights, canvas, max_batch
         )
-        return total / coverage.to(total.device)[None, :, :, None]
+        return total.div_(coverage.to(total.device)[None, :, :, None])
 
     return windowed
 
@@ -126,14 +126,17 @@ def _accumulate_windows(
     weights: torch.Tensor,
     canvas: tuple[int, int],
     max_batch: int,
+    total: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted sum (b, H, W, k) fp32 of the windows' log-probabilities."""
+    """Weighted sum (b, H, W, k) fp32 of the windows' log-probabilities.
+
+    Added into `total` in place when given (several window sizes, one buffer).
+    """
     b, (h, w) = tokens.shape[0], weights.shape
     crops = torch.stack([tokens[:, t : t + h, c : c + w] for t, c in positions])
     crops = rearrange(crops, "p b h w -> (p b) h w")  # window-major
     crop_labels = None if labels is None else labels.repeat(len(positions))
     weights = weights.to(tokens.device)[None, :, :, None]  # (1, h, w, 1)
-    total = None
     for start in range(0, crops.shape[0], max_batch):
         stop = min(start + max_batch, crops.shape[0])
         chunk_labels = None if crop_labels is None else crop_labels[start:stop]
@@ -244,7 +247,7 @@ class ShiftedTilings:
         by_size, coverage = self.tilings[self.step % 2]
         total = None
         for size, positions in by_size.items():
-            part = _accumulate_windows(
+            total = _accumulate_windows(
                 self.logits_fn,
                 tokens,
                 labels,
@@ -252,9 +255,9 @@ class ShiftedTilings:
                 torch.ones(size),
                 self.canvas,
                 self.max_batch,
+                total,
             )
-            total = part if total is None else total + part
-        return total / coverage.to(total.device)[None, :, :, None]
+        return total.div_(coverage.to(total.device)[None, :, :, None])
 
 
 def _window_count(length: int, window: int) -> int:
