@@ -199,8 +199,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     except _decode_errors() as err:
         raise DataError(
             f"cannot load image {path}: {err}",
-            "the file is not a readable PNG, JPEG, WebP, BMP, GIF or TIFF; fix or "
-            "remove it (if it changed since the folder was scanned, re-run)",
+            "the file is not a readable PNG, JPEG, WebP, BMP, GIF or TIFF; "
+            "convert, replace or remove it",
         ) from err
 
 

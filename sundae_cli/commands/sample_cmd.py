@@ -287,8 +287,10 @@ def generate(
     """Generate at any resolution: generate-00000.png ... with JSON sidecars.
 
     A canvas larger than the prior's grid is sampled with overlapping windows whose
-    predictions are averaged, all positions updated in parallel each step. The
-    memory needed is estimated first; a canvas that does not fit is refused.
+    predictions are averaged (or, with --tiling shifted, side-by-side windows whose
+    tiling moves by half a window every other step), all positions updated in
+    parallel each step. The memory needed is estimated first; a canvas that does not
+    fit is refused.
     """
     from sundae_cli.canvas import GenerateOptions, parse_size
     from sundae_cli.canvas import generate as run_generate
