@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import print_table
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"256": "ffhq256.toml", "1024": "ffhq1024.toml"}
@@ -221,19 +222,6 @@ def preset_rows(preset: str, args, peak_rate: float) -> list[tuple[str, str, str
     return rows  # the models are freed here, before the next preset
 
 
-def print_table(rows: list[tuple[str, str, str]]) -> None:
-    header = ("preset", "measure", "value")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
-    for index, row in enumerate([header, *rows]):
-        print(
-            "  ".join(
-                cell.ljust(width) for cell, width in zip(row, widths, strict=True)
-            )
-        )
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -264,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     for preset in presets:
         rows += preset_rows(preset, args, peak_rate)
     print(f"torch {torch.__version__}, compile={args.compile}")
-    print_table(rows)
+    print_table(("preset", "measure", "value"), rows)
     return 0
 
 

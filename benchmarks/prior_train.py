@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import matmul_rate, print_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,18 +150,6 @@ def interleaved_times(steps: list[Callable], rounds: int, warmup: int) -> list[f
             step()
             times[index].append(time.perf_counter() - started)
     return [statistics.median(series) for series in times]
-
-
-def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
-    """fp32 FLOP/s of `torch.mm` on size x size matrices (median of `repeats`)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - started)
-    return 2 * size**3 / statistics.median(times)
 
 
 # ---------------------------------------------------------------- (a) to (c)
@@ -299,18 +288,6 @@ def ablation_rows(args, workdir: Path) -> list[tuple[str, ...]]:
 HEADER = ("measure", "setting", "hourglass/2D", "baseline", "ratio", "target")
 
 
-def print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in [HEADER, *rows]) for i in range(6)]
-    for index, row in enumerate([HEADER, *rows]):
-        print(
-            "  ".join(
-                cell.ljust(width) for cell, width in zip(row, widths, strict=True)
-            )
-        )
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -333,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.width}, batch {args.batch}, codebook {args.codebook}, "
         f"{args.rounds} timed rounds"
     )
-    print_table(rows)
+    print_table(HEADER, rows)
     return 0
 
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from sundae_cli.checkpoints import META, WEIGHTS, require_checkpoint
+from sundae_cli.console import result
 from sundae_cli.models import bundled_models_dir
 from sundae_cli.recipe_files import to_toml
 from sundae_cli.recipes import load_recipe
@@ -66,19 +67,13 @@ def main() -> None:
     if len(sys.argv) != 3:
         sys.exit("usage: python scripts/bundle_model.py AUTOENCODER_RUN PRIOR_RUN")
     autoencoder, prior = Path(sys.argv[1]), Path(sys.argv[2])
-    print(bundle(autoencoder, "digits-autoencoder"))
-    print(
-        bundle(
-            prior,
-            "digits-prior",
-            autoencoder_name="digits-autoencoder",
-            sampling=current_sampling(),
-        )
-    )
+    result(str(bundle(autoencoder, "digits-autoencoder")))
+    sampling = current_sampling()
+    result(str(bundle(prior, "digits-prior", "digits-autoencoder", sampling)))
     total = sum(
         p.stat().st_size for p in bundled_models_dir().rglob("*") if p.is_file()
     )
-    print(f"bundled models: {total / 2**20:.1f} MiB")
+    result(f"bundled models: {total / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

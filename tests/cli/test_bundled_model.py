@@ -20,13 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--steps", "3", "--min-steps", "1", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_few_threads):
-    import torch
-
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def run():
     app, runner = generation_app(), CliRunner()

@@ -18,15 +18,6 @@ from tests.helpers import generation_app, make_runs, save_autoencoder
 FAST = ["--steps", "3", "--min-steps", "1", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_few_threads):
-    """Tiny models gain nothing from a second thread, and on a shared machine the
-    idle-spinning of a second OpenMP thread slows them down several times."""
-    import torch
-
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return make_runs(tmp_path_factory.mktemp("runs"))

@@ -9,7 +9,6 @@ import os
 import pickle
 from pathlib import Path
 
-import pytest
 import torch
 
 from sundae_cli.checkpoints import latest_checkpoint, read_meta
@@ -20,42 +19,11 @@ from sundae_cli.runs import runs_root
 from sundae_vqgan.config import VQGANConfig
 from sundae_vqgan.model import build_autoencoder
 
-from ..unit.test_taming_import import taming_state
+# The same small taming VQModel (f=2, 16 px, 8x8 grid, 16 codes) as the unit tests.
+from ..unit.test_taming_import import CONFIG, taming_state
+from ..unit.test_taming_import import TAMING_YAML as YAML
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-
-# A taming VQModel small enough for the CPU: f=2, 16 px images, an 8x8 grid.
-CONFIG = dict(
-    ch=16,
-    ch_mult=[1, 2],
-    num_res_blocks=1,
-    attn_resolutions=[8],
-    resolution=16,
-    in_channels=3,
-    out_ch=3,
-    z_channels=8,
-    embed_dim=4,
-    codebook_size=16,
-)
-
-YAML = """\
-model:
-  target: taming.models.vqgan.VQModel
-  params:
-    embed_dim: 4
-    n_embed: 16
-    ddconfig:
-      double_z: False
-      z_channels: 8
-      resolution: 16
-      in_channels: 3
-      out_ch: 3
-      ch: 16
-      ch_mult: [1, 2]
-      num_res_blocks: 1
-      attn_resolutions: [8]
-      dropout: 0.0
-"""
 
 EXTRA_KEYS = {
     "transformer.tok_emb.weight": torch.zeros(16, 8),
@@ -63,12 +31,6 @@ EXTRA_KEYS = {
     "first_stage_model.loss.discriminator.main.0.weight": torch.randn(8, 3, 4, 4),
     "first_stage_model.loss.perceptual_loss.lin0.model.1.weight": torch.ones(1, 64),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions gain nothing from threads; one keeps a loaded CPU calm."""
-    torch.set_num_threads(1)
 
 
 class SystemPayload:

@@ -28,9 +28,8 @@ FORMATS = "PNG, JPEG, WebP, BMP, GIF, TIFF"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_wide_console(monkeypatch):
-    """One torch thread (tiny models) and log lines that Rich does not wrap."""
-    torch.set_num_threads(1)
+def _wide_console(monkeypatch):
+    """Log lines that Rich does not wrap (conftest already sets one torch thread)."""
     monkeypatch.setenv("COLUMNS", "400")
 
 

@@ -51,12 +51,6 @@ def all_finite(weights: dict[str, torch.Tensor]) -> bool:
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions gain nothing from threads; one keeps a loaded CPU calm."""
-    torch.set_num_threads(1)
-
-
 @pytest.fixture
 def logs(caplog, monkeypatch):
     """caplog that also sees records after a CLI test turned propagation off."""
